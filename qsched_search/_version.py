@@ -1,0 +1,3 @@
+"""The package version, read by pyproject and `qsched --version`."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The `qsched` command line: one module per command, joined in `app.py`."""

@@ -1,0 +1,64 @@
+"""What every command shares: one-line errors, the console, options that mean the same everywhere."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from qsched_search.errors import QschedError
+
+console = Console(stderr=True)
+USER_ERROR = 2  # bad input or a missing resource; 1 is kept for "ran fine, but the gate failed"
+
+
+def fail(message: str, code: int = USER_ERROR) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def user_errors(fn):
+    """Turns a QschedError into a one-line message and exit code 2, and Ctrl-C into exit code 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        logging.getLogger("diffusers").setLevel(logging.ERROR)
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        try:
+            return fn(*args, **kwargs)
+        except QschedError as exc:
+            raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            console.print("interrupted: finished work is saved; run the same command again to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def split_list(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
+
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'embedded' (the shipped Fashion-MNIST LCM), a local diffusers pipeline folder, or a hub id.")]
+StepsOpt = Annotated[int, typer.Option("--steps", "-s", help="Denoising steps.")]
+PrecisionsOpt = Annotated[str, typer.Option("--precisions", "-p", help="Comma-separated lower levels from the menu (see `qsched precisions`).")]
+ReferenceOpt = Annotated[str, typer.Option("--reference", help="The pipeline's own level, that every delta is measured against.")]
+SamplesOpt = Annotated[int, typer.Option("--samples", "-n", help="Samples per schedule (prompts cycle; sample k uses seed+k).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Base seed.")]
+PromptsOpt = Annotated[str, typer.Option("--prompts", help="Comma-separated prompts or @FILE (one per line); the family's defaults if omitted.")]
+MetricsOpt = Annotated[str, typer.Option("--metrics", help="Comma-separated metrics; the family's defaults if omitted.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda[:N]; nothing is moved implicitly.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="The pipeline's own dtype: float32, bfloat16 or float16.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per pipeline call.")]
+MenuOpt = Annotated[str, typer.Option("--menu", help="Precision menu YAML; configs/precisions.yaml if omitted.")]
+WeightsOpt = Annotated[str, typer.Option("--weights-dir", envvar="QSCHED_WEIGHTS_DIR", help="Folder of metric weights (see `qsched weights`).")]
+
+
+def ensure_tty_safe() -> None:
+    # Rich progress bars write to stderr; on a non-terminal they fall back to plain lines.
+    if not sys.stderr.isatty():
+        console.soft_wrap = True

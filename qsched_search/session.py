@@ -1,0 +1,116 @@
+"""Builds what every command needs from its settings: the model, the bank, the runner and the metrics."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from qsched_search.bank import PrecisionBank
+from qsched_search.errors import QschedError
+from qsched_search.evaluate import ScheduleEvaluator
+from qsched_search.models import LoadedModel, load_model
+from qsched_search.precisions import Menu, load_menu
+from qsched_search.rollout import EvalSet, Runner, make_eval_set
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The settings shared by probe, search and generate. Everything here decides the numbers a run produces.
+
+    Args:
+        model (`str`): "embedded", a local pipeline folder or a hub id.
+        steps (`int`): denoising steps.
+        precisions (`tuple[str]`): the lower levels to probe or search over.
+        reference (`str`): the pipeline's own level; defaults to the dtype's reference level.
+        samples (`int`): evaluation samples per schedule.
+        seed (`int`): sample k uses seed + k.
+        prompts (`tuple[str]`): cycled over the samples; the family's default prompts if empty.
+        metrics (`tuple[str]`): the family's default metrics if empty.
+    """
+
+    model: str = "embedded"
+    steps: int = 4
+    precisions: tuple[str, ...] = ("w8a8", "w4a8", "w4a4")
+    reference: str = "fp32"
+    samples: int = 64
+    seed: int = 0
+    prompts: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 64
+    menu: str | None = None
+    weights_dir: str | None = None
+    call_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise QschedError(f"--steps must be at least 1, got {self.steps}")
+        if self.samples < 1:
+            raise QschedError(f"--samples must be at least 1, got {self.samples}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise QschedError(f"--device {self.device} asked for, but no CUDA device is visible; use --device cpu")
+
+
+@dataclass
+class Session:
+    settings: RunSettings
+    model: LoadedModel
+    menu: Menu
+    bank: PrecisionBank
+    eval_set: EvalSet
+    runner: Runner
+    evaluator: ScheduleEvaluator
+    metric_names: list[str]
+
+    def describe(self) -> dict:
+        """Settings and derived facts for manifests and fingerprints."""
+        return {
+            **asdict(self.settings),
+            "model_id": self.model.model_id,
+            "weights_sha256": self.model.weights_sha256(),
+            "family": self.model.family.family,
+            "prompts_sha256": self.eval_set.sha256(),
+            "metrics": self.metric_names,
+            "levels": {name: self.menu.to_dict()["levels"][name] for name in self.bank.levels},
+            "exclude": list(self.model.family.exclude) + list(self.menu.extra_exclude),
+        }
+
+    def close(self) -> None:
+        self.bank.remove()
+
+
+def open_session(settings: RunSettings, keep_images: bool = False, metrics: bool = True) -> Session:
+    """Loads the model and builds the bank and metrics; validates names before any heavy work."""
+    menu = load_menu(settings.menu)
+    for name in (settings.reference, *settings.precisions):
+        menu[name]
+    if not menu[settings.reference].is_reference:
+        raise QschedError(f"--reference {settings.reference!r} is not a reference level (format 'reference') in {menu.source}")
+    model = load_model(settings.model, device=settings.device, dtype=settings.dtype)
+    metric_names = list(settings.metrics or model.family.metrics)
+    metric_objs = []
+    if metrics:
+        from qsched_search.metrics import build_metrics
+
+        metric_objs = build_metrics(metric_names, device=settings.device, weights_dir=settings.weights_dir)
+    prompts = list(settings.prompts or model.family.default_prompts)
+    eval_set = make_eval_set(prompts, settings.samples, settings.seed)
+    bank = PrecisionBank(model.denoiser, menu, list(settings.precisions), settings.reference, list(model.family.exclude))
+    runner = Runner(model, bank, settings.steps, eval_set, settings.batch_size, settings.call_kwargs)
+    evaluator = ScheduleEvaluator(runner, metric_objs, keep_images=keep_images)
+    return Session(settings, model, menu, bank, eval_set, runner, evaluator, metric_names)
+
+
+def read_prompts(value: str | None) -> tuple[str, ...]:
+    """`--prompts`: comma-separated prompts, or @FILE with one prompt per line."""
+    if not value:
+        return ()
+    if value.startswith("@"):
+        path = Path(value[1:])
+        if not path.is_file():
+            raise QschedError(f"prompts file {str(path)!r} not found; pass --prompts 'a,b' or @FILE with one prompt per line")
+        return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    return tuple(p.strip() for p in value.split(",") if p.strip())
