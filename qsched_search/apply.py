@@ -51,7 +51,8 @@ def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family
     Args:
         pipe: a diffusers pipeline whose family is listed in configs/families.
         schedule (`str`, `Path` or `Schedule`): a schedule.json path or a loaded schedule.
-        menu (*optional*): the precision menu the schedule was made with; configs/precisions.yaml if omitted.
+        menu (*optional*): the precision menu; the one recorded in the schedule (else configs/precisions.yaml) if
+            omitted.
         family (*optional*): the model family; detected from the pipeline class if omitted.
 
     Returns:
@@ -61,7 +62,8 @@ def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family
 
     if not isinstance(schedule, Schedule):
         schedule = load_schedule(schedule)
-    menu = menu if isinstance(menu, Menu) else load_menu(menu)
+    if not isinstance(menu, Menu):
+        menu = load_menu(menu) if menu else (schedule.menu() or load_menu())
     if isinstance(family, str):
         family = load_family(family)
     family = family or detect_family(pipe)

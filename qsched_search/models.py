@@ -42,6 +42,17 @@ class LoadedModel:
         return digest.hexdigest()
 
 
+def _quiet_libraries() -> None:
+    # Their loading bars and hints (install accelerate...) would bury our own progress and one-line errors.
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def _check_folder(folder: Path) -> None:
     index = folder / "model_index.json"
     if not index.is_file():
@@ -67,6 +78,7 @@ def load_model(model: str | None = None, device: str = "cpu", dtype: str = "floa
     """
     from diffusers import DiffusionPipeline
 
+    _quiet_libraries()
     if dtype not in DTYPES:
         raise QschedError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     model = model or EMBEDDED

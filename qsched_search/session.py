@@ -82,13 +82,21 @@ class Session:
         self.bank.remove()
 
 
-def open_session(settings: RunSettings, keep_images: bool = False, metrics: bool = True) -> Session:
-    """Loads the model and builds the bank and metrics; validates names before any heavy work."""
-    menu = load_menu(settings.menu)
+def open_session(settings: RunSettings, keep_images: bool = False, metrics: bool = True, menu: Menu | None = None) -> Session:
+    """Loads the model and builds the bank and metrics; validates names before any heavy work.
+
+    `menu` overrides `settings.menu` (a schedule file carries the menu it was searched with).
+    """
+    menu = menu or load_menu(settings.menu)
     for name in (settings.reference, *settings.precisions):
         menu[name]
     if not menu[settings.reference].is_reference:
         raise QschedError(f"--reference {settings.reference!r} is not a reference level (format 'reference') in {menu.source}")
+    if metrics and settings.metrics:
+        from qsched_search.metrics import get_metric_class
+
+        for name in settings.metrics:  # fail on a typo before the model loads
+            get_metric_class(name)
     model = load_model(settings.model, device=settings.device, dtype=settings.dtype)
     metric_names = list(settings.metrics or model.family.metrics)
     metric_objs = []

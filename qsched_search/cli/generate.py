@@ -1,0 +1,59 @@
+"""`qsched generate`: run a pipeline with a saved schedule and write its images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import pandas as pd
+import typer
+
+from qsched_search.cli._common import BatchOpt, DeviceOpt, DtypeOpt, PromptsOpt, WeightsOpt, console, user_errors
+from qsched_search.images import save_png
+from qsched_search.io import write_csv
+from qsched_search.schedule import load_schedule
+from qsched_search.session import RunSettings, open_session, read_prompts
+
+
+@user_errors
+def generate(
+    schedule: Annotated[Path, typer.Option("--schedule", help="A schedule.json written by `qsched search`.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="The pipeline; the schedule's own model id if omitted.")] = "",
+    prompts: PromptsOpt = "",
+    samples: Annotated[int, typer.Option("--samples", "-n", help="Images to make (prompts cycle; image k uses seed+k).")] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="Base seed; the schedule's search seed if omitted.")] = -1,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    batch_size: BatchOpt = 64,
+    weights_dir: WeightsOpt = "",
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the PNGs and index.csv.")] = "results/generate",
+):
+    """Run the pipeline with the schedule's level at each step and write OUT/NN.png and OUT/index.csv.
+
+    With the schedule's seed and prompts, the images equal the search's images/schedule/ files bit for bit.
+    """
+    loaded = load_schedule(schedule)
+    menu = loaded.menu()
+    settings = RunSettings(model=model or loaded.model_id, steps=loaded.steps, precisions=tuple(sorted(set(loaded.levels))),
+                           reference=loaded.reference, samples=samples,
+                           seed=seed if seed >= 0 else int(loaded.provenance.get("seed", 0)),
+                           prompts=read_prompts(prompts), device=device, dtype=dtype, batch_size=batch_size,
+                           weights_dir=weights_dir or None)
+    session = open_session(settings, metrics=False, menu=menu)
+    try:
+        if session.model.weights_sha256() != loaded.weights_sha256:
+            console.print(f"[yellow]warning:[/] {settings.model!r} has other weights than the schedule was searched on")
+        result = session.runner.run(loaded.levels)
+    finally:
+        session.close()
+    rows = []
+    for k, image in enumerate(result.images):
+        file = f"{k:02d}.png"
+        save_png(image, Path(out) / file)
+        rows.append({"sample": k, "prompt": session.eval_set.prompts[k], "seed": session.eval_set.seeds[k], "file": file,
+                     "schedule": ",".join(loaded.levels), "problem": result.problems[k] or ""})
+    write_csv(Path(out) / "index.csv", pd.DataFrame(rows))
+    bad = sum(p is not None for p in result.problems)
+    if bad:
+        console.print(f"[yellow]warning:[/] {bad} of {len(rows)} images are unusable (NaN, blank or noise); see index.csv")
+    console.print(f"wrote {len(rows)} images to {out}/ (schedule {','.join(loaded.levels)})")
