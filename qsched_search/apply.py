@@ -70,10 +70,14 @@ def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family
     levels, timesteps = tuple(schedule.levels), tuple(int(t) for t in schedule.timesteps)
     bank = PrecisionBank(family.denoiser_of(pipe), menu, sorted(set(levels)), schedule.reference, list(family.exclude))
     by_timestep = dict(zip(timesteps, levels))
+    scale = family.timestep_scale  # FLUX calls its transformer with timestep / 1000
 
     def select_level(module, args, kwargs):
-        t = _timestep_of(args, kwargs)
-        level = by_timestep.get(int(round(t)))
+        t = _timestep_of(args, kwargs) * scale
+        # The schedule holds int(t) of the scheduler's float timesteps, and a bf16 pipeline rounds t to 8 bits of
+        # mantissa: the nearest schedule timestep within that rounding is the step's.
+        nearest = min(timesteps, key=lambda s: abs(s - t))
+        level = by_timestep[nearest] if abs(nearest - t) <= 1 + 0.005 * abs(t) else None
         if level is None:
             raise QschedError(f"denoiser called at timestep {t:g}, but the schedule covers {list(timesteps)}; "
                               f"run the pipeline with num_inference_steps={len(levels)} as the schedule was made")

@@ -1,0 +1,218 @@
+"""Every model family: a tiny random-weight pipeline of its architecture, saved and loaded by path, switched per step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_tiny_sd_pipeline
+from qsched_search.bank import PrecisionBank
+from qsched_search.errors import QschedError
+from qsched_search.families import detect_family, load_family
+from qsched_search.models import load_model
+from qsched_search.precisions import load_menu
+from qsched_search.rollout import Runner, make_eval_set
+
+SD_COMMON = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def _clip_text_encoder(tokenizer, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                            num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer),
+                            max_position_embeddings=tokenizer.model_max_length, projection_dim=32)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _tiny_vae(**overrides):
+    from diffusers import AutoencoderKL
+
+    config = dict(block_out_channels=(8, 16), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=32)
+    config.update(overrides)
+    return AutoencoderKL(**config)
+
+
+def build_tiny_pcm_pipeline():
+    """SD 1.5 architecture with the TCD scheduler that PCM checkpoints run with."""
+    from diffusers import TCDScheduler
+
+    pipe = build_tiny_sd_pipeline()
+    pipe.scheduler = TCDScheduler(**SD_COMMON, timestep_spacing="trailing")
+    return pipe
+
+
+def build_tiny_sdxl_pipeline():
+    """A StableDiffusionXLPipeline (SDXL-Turbo architecture: two CLIP encoders, text-time conditioning)."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from qsched_search.embedded.vocab import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=8 * 6 + 32, cross_attention_dim=64, norm_num_groups=4,
+    )
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_clip_tokenizer()
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(), text_encoder=_clip_text_encoder(tokenizer), tokenizer=tokenizer,
+        text_encoder_2=_clip_text_encoder(tokenizer_2, with_projection=True), tokenizer_2=tokenizer_2, unet=unet,
+        scheduler=EulerAncestralDiscreteScheduler(**SD_COMMON, timestep_spacing="trailing"),
+    )
+
+
+def build_t5_tokenizer():
+    """A T5 tokenizer over a tiny Unigram vocabulary built in code (no hub files); unknown words fall back to letters."""
+    from transformers import T5TokenizerFast
+
+    from qsched_search.embedded.vocab import CLASS_NAMES
+
+    words = sorted({w for name in CLASS_NAMES for w in name.replace("-", " ").split()})
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in words] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz-"]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=16)
+
+
+def build_tiny_flux_pipeline():
+    """A FluxPipeline (FLUX.1-schnell architecture: double- and single-stream blocks, CLIP + T5), as diffusers tests it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from qsched_search.embedded.vocab import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                             num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0,
+                                             pad_token_id=0, eos_token_id=1))
+    vae = _tiny_vae(block_out_channels=(4,), down_block_types=("DownEncoderBlock2D",),
+                    up_block_types=("UpDecoderBlock2D",), latent_channels=1, norm_num_groups=1, layers_per_block=1,
+                    use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False), vae=vae,
+                        text_encoder=_clip_text_encoder(tokenizer), tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                        tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def build_tiny_lcm_pipeline():
+    return build_tiny_sd_pipeline(scheduler="lcm")
+
+
+# family -> (builder, folder name, denoiser class, call kwargs). The folder name matters for id-matched families.
+FAMILIES = {
+    "sd-turbo": (build_tiny_sd_pipeline, "sd-turbo-tiny", "UNet2DConditionModel", {"height": 32, "width": 32}),
+    "sdxl-turbo": (build_tiny_sdxl_pipeline, "sdxl-turbo-tiny", "UNet2DConditionModel", {"height": 32, "width": 32}),
+    "lcm": (build_tiny_lcm_pipeline, "tiny-lcm", "UNet2DConditionModel", {"height": 32, "width": 32, "guidance_scale": 0.0}),
+    "pcm": (build_tiny_pcm_pipeline, "tiny-pcm", "UNet2DConditionModel", {"height": 32, "width": 32, "guidance_scale": 0.0}),
+    "flux-schnell": (build_tiny_flux_pipeline, "tiny-flux", "FluxTransformer2DModel",
+                     {"height": 16, "width": 16, "max_sequence_length": 8}),
+}
+
+
+@pytest.fixture(scope="module")
+def family_folders(tmp_path_factory):
+    """Each family's tiny pipeline written with save_pretrained, loaded later through the hub-id code path."""
+    root = tmp_path_factory.mktemp("families")
+    folders = {}
+    for name, (build, folder, _, _) in FAMILIES.items():
+        folders[name] = root / folder
+        build().save_pretrained(folders[name])
+    return folders
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_loads_by_path_and_switches_per_step(family, family_folders):
+    _, _, denoiser_cls, call_kwargs = FAMILIES[family]
+    model = load_model(str(family_folders[family]))
+    assert model.family.family == family
+    assert type(model.denoiser).__name__ == denoiser_cls
+    menu = load_menu()
+    bank = PrecisionBank(model.denoiser, menu, ["w4a4"], "fp32", list(model.family.exclude))
+    try:
+        assert not any(name in bank.layers for name in ("conv_in", "conv_out", "x_embedder", "proj_out"))
+        runner = Runner(model, bank, steps=2, eval_set=make_eval_set(["sneaker", "bag"], 2, seed=3),
+                        call_kwargs=call_kwargs)
+        bank.calls.clear()
+        mixed = runner.run(["w4a4", "fp32"])
+        assert bank.calls == {"w4a4": 1, "fp32": 1}  # one batched denoiser call per step, at the step's level
+        assert bank.active == "fp32"
+        assert len(mixed.timesteps) == 2 and mixed.timesteps[0] > mixed.timesteps[1]
+        reference = runner.run(["fp32", "fp32"]).images
+        torch.testing.assert_close(runner.run(["fp32", "fp32"]).images, reference, atol=1e-6, rtol=0)
+        assert torch.isfinite(mixed.images).all()
+        assert not torch.equal(mixed.images, reference)  # the level of step 0 changes the image
+    finally:
+        bank.remove()
+
+
+def test_family_settings_are_read_from_configs():
+    flux = load_family("flux-schnell")
+    assert flux.denoiser == "transformer" and flux.timestep_scale == 1000
+    assert flux.call_defaults["guidance_scale"] == 0.0
+    for name in FAMILIES:
+        family = load_family(name)
+        assert family.metrics and family.scheduler["class"]
+    assert load_family("sd-turbo").scheduler["config"]["timestep_spacing"] == "trailing"
+
+
+def test_generic_sd_pipeline_keeps_the_stable_diffusion_family(tiny_sd_folder):
+    # Same classes as SD-Turbo, but not loaded from an sd-turbo id or folder: the generic family.
+    assert load_model(str(tiny_sd_folder)).family.family == "stable-diffusion"
+    assert detect_family(build_tiny_sd_pipeline(), model_id="stabilityai/sd-turbo").family == "sd-turbo"
+    assert detect_family(build_tiny_sd_pipeline(), model_id="/models/sd-turbo-finetunes/my-model").family == "stable-diffusion"
+
+
+def test_explicit_family_overrides_detection_and_unknown_pipelines_fail(tiny_sd_folder):
+    assert load_model(str(tiny_sd_folder), family="sd-turbo").family.family == "sd-turbo"
+
+    class NotAPipeline:
+        scheduler = None
+
+    with pytest.raises(QschedError, match="no model family lists pipeline class 'NotAPipeline'"):
+        detect_family(NotAPipeline())
+
+
+def test_make_scheduler_builds_the_family_scheduler_and_check_warns(caplog):
+    pipe = build_tiny_sd_pipeline()
+    pcm = load_family("pcm")
+    assert not pcm.check_scheduler(pipe)
+    assert "TCDScheduler" in caplog.text
+    scheduler = pcm.make_scheduler(pipe)
+    assert type(scheduler).__name__ == "TCDScheduler" and scheduler.config.timestep_spacing == "trailing"
+    assert type(pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"  # not installed behind the caller's back
+
+
+def test_apply_schedule_on_flux_picks_levels_by_unscaled_timestep(family_folders):
+    from qsched_search.apply import apply_schedule
+    from qsched_search.schedule import Quality, Schedule
+
+    model = load_model(str(family_folders["flux-schnell"]))
+    call = dict(FAMILIES["flux-schnell"][3], num_inference_steps=3, guidance_scale=0.0, output_type="pt")
+    seen: list[int] = []
+    model.pipe(["bag"], generator=torch.Generator().manual_seed(0),
+               callback_on_step_end=lambda p, i, t, kw: (seen.append(int(t)), kw)[1], **call)
+    assert len(seen) == 3 and seen[1] == 666  # FLUX timesteps are floats (666.67): the schedule holds int(t)
+    schedule = Schedule(levels=("w4a4", "fp32", "w4a4"), steps=3, timesteps=tuple(seen), reference="fp32",
+                        model_id="tiny-flux", weights_sha256="0" * 64, budget=1.0, cost_model="bops",
+                        cost={"bops": 0.5, "memory": 0.5, "latency": None},
+                        quality=Quality("lpips", 0.1, None, None, 1, False), provenance={})
+    applied = apply_schedule(model.pipe, schedule, menu=load_menu())
+    try:
+        scheduled = model.pipe(["bag"], generator=torch.Generator().manual_seed(0), **call).images
+        assert applied.bank.calls == {"w4a4": 2, "fp32": 1}
+    finally:
+        applied.remove()
+    plain = model.pipe(["bag"], generator=torch.Generator().manual_seed(0), **call).images
+    assert not torch.equal(scheduled, plain)
+    with pytest.raises(QschedError, match="schedule covers"):
+        applied = apply_schedule(model.pipe, schedule, menu=load_menu())
+        try:
+            model.pipe(["bag"], generator=torch.Generator().manual_seed(0), **{**call, "num_inference_steps": 2})
+        finally:
+            applied.remove()
