@@ -7,10 +7,13 @@ from typing import Annotated
 import typer
 
 from qsched_search._version import __version__
+from qsched_search.cli.calibrate import calibrate
 from qsched_search.cli.generate import generate
 from qsched_search.cli.precisions import precisions
 from qsched_search.cli.probe import probe
+from qsched_search.cli.profile import profile
 from qsched_search.cli.report import report
+from qsched_search.cli.search import search
 from qsched_search.cli.weights import app as weights_app
 
 app = typer.Typer(
@@ -37,8 +40,11 @@ def _root(
 
 app.command()(probe)
 app.command()(precisions)
+app.command()(search)
 app.command()(report)
 app.command()(generate)
+app.command()(profile)
+app.command()(calibrate)
 app.add_typer(weights_app, name="weights", help="Fetch and check the metric weight files (LPIPS, Inception) offline.")
 
 

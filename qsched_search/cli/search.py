@@ -1,0 +1,129 @@
+"""`qsched search`: the per-step precision schedule with the best measured quality within a cost budget."""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from qsched_search.cli._common import (BatchOpt, DeviceOpt, DtypeOpt, MenuOpt, ModelOpt, PrecisionsOpt,
+                                       PromptsOpt, ReferenceOpt, SamplesOpt, SeedOpt, StepsOpt, WeightsOpt, console,
+                                       split_list, user_errors)
+from qsched_search.paths import ResultsDir
+from qsched_search.session import RunSettings, read_prompts
+
+
+class CostModel(str, enum.Enum):
+    bops = "bops"
+    memory = "memory"
+    latency = "latency"
+
+
+class SamplerName(str, enum.Enum):
+    auto = "auto"
+    tpe = "tpe"
+    nsga2 = "nsga2"
+    exhaustive = "exhaustive"
+    random = "random"
+
+
+@user_errors
+def search(
+    model: ModelOpt = "embedded",
+    steps: StepsOpt = 4,
+    budget: Annotated[float, typer.Option("--budget", "-b", help="Cost budget: a fraction in (0, 1] of running every step at the reference level.")] = 0.5,
+    precisions: PrecisionsOpt = "w8a8,w4a8,w4a4",
+    reference: ReferenceOpt = "fp32",
+    cost: Annotated[CostModel, typer.Option("--cost", help="Cost model: bops (bit-operations), memory (weight bytes) or latency (needs --profile).")] = CostModel.bops,
+    objective: Annotated[str, typer.Option("--objective", help="The metric to optimise; the model family's first metric (lpips for the embedded model) if omitted.")] = "",
+    trials: Annotated[Optional[int], typer.Option("--trials", "-t", help="New schedule evaluations on top of those already done (default: 24; exhaustive: the whole space).", show_default=False)] = None,
+    sampler: Annotated[SamplerName, typer.Option("--sampler", help="auto: exhaustive when --trials covers the whole space, else tpe.")] = SamplerName.auto,
+    storage: Annotated[str, typer.Option("--storage", help="Optuna database URL; sqlite:///OUT/study.db if omitted. One worker per SQLite file.")] = "",
+    study: Annotated[str, typer.Option("--study", help="Study name; derived from the settings if omitted, so the same command resumes.")] = "",
+    profile: Annotated[str, typer.Option("--profile", help="Latency profile CSV (columns level, ms_per_step) for --cost latency.")] = "",
+    probe_table: Annotated[str, typer.Option("--probe", help="Probe table for the warm start; OUT/probe.csv if omitted.")] = "",
+    images: Annotated[int, typer.Option("--images", help="Samples per schedule written to OUT/images for the report (0: none).")] = 8,
+    samples: SamplesOpt = 64,
+    seed: SeedOpt = 0,
+    prompts: PromptsOpt = "",
+    metrics: Annotated[str, typer.Option("--metrics", help="Extra metrics measured for every schedule besides --objective (kept in the study, not in trials.csv).")] = "",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    batch_size: BatchOpt = 64,
+    menu: MenuOpt = "",
+    weights_dir: WeightsOpt = "",
+    out: Annotated[str, typer.Option("--out", "-o", help="Results folder (the probe's, to reuse its table).")] = "results/probe",
+):
+    """Search the precision of each denoising step: best measured quality within the cost budget.
+
+    An Optuna study over (quality, cost) with the budget as a constraint, warm-started from uniform schedules and
+    the probe table (greedy and an exact dynamic programme on the per-step deltas). Every schedule is measured by
+    running it on the probe's prompts and seeds; none is measured twice. Writes OUT/schedule.json, trials.csv,
+    pareto.csv, pareto.png, history.png, images/ and manifest.json; the study lives in OUT/study.db, so running the
+    same command again resumes it.
+    """
+    import optuna
+
+    from qsched_search.search import SearchSettings, open_search_session, run_search
+
+    started = time.time()
+    # Checked before the model loads: bad input fails in a second, not after it.
+    search_settings = SearchSettings(budget=budget, cost_model=cost.value, objective=objective or None, trials=trials,
+                                     sampler=sampler.value, storage=storage or None, study=study or None,
+                                     profile=profile or None, probe=probe_table or None, images=images)
+    settings = RunSettings(model=model, steps=steps, precisions=split_list(precisions), reference=reference,
+                           samples=samples, seed=seed, prompts=read_prompts(prompts), metrics=split_list(metrics),
+                           device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
+                           weights_dir=weights_dir or None)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported in trials.csv and below
+    results = ResultsDir(out)
+    session = open_search_session(settings, search_settings.objective)
+    try:
+        columns = [TextColumn("[bold]search[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("loading", total=None)
+
+            def on_trial(row: dict, search_) -> None:
+                value = "failed" if row["state"] == "FAIL" else f"{row['value']:.4g}"
+                progress.update(task, total=search_.trials, completed=search_.new_evaluations,
+                                description=f"{row['source']:<12} {row['schedule']} {value}")
+
+            result = run_search(session, search_settings, results, on_trial=on_trial,
+                                on_status=lambda msg: progress.console.print(msg, highlight=False))
+    finally:
+        session.close()
+    _print_summary(result)
+    console.print(f"stopped: {result.stopped_because}; {result.new_evaluations} new evaluations, "
+                  f"{len(result.trials)} trials in study {result.study_name} ({result.storage})", highlight=False)
+    console.print(f"wrote {', '.join(str(f) for f in result.files)} in {time.time() - started:.0f} s", highlight=False)
+
+
+def _fmt_ci(row) -> str:
+    lo, hi = row.get("ci_low"), row.get("ci_high")
+    ci = "" if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)) else f" [{float(lo):.4g}, {float(hi):.4g}]"
+    return f"{float(row['value']):.4g}{ci}"
+
+
+def _print_summary(result) -> None:
+    q = result.schedule.quality
+    table = Table(title=f"{q.metric} ({'higher' if q.higher_is_better else 'lower'} is better, 95% CI) and "
+                        f"{result.schedule.cost_model} cost; budget {result.schedule.budget:g}")
+    for col in ("", "schedule", "cost", q.metric, "n"):
+        table.add_column(col, justify="right" if col in ("cost", "n") else "left")
+    rows = [("chosen", result.chosen), ("best uniform at <= cost", result.best_uniform),
+            ("cheapest uniform", result.cheapest_uniform), ("reference", result.reference_row)]
+    for label, row in rows:
+        if row is None:
+            continue
+        table.add_row(label, str(row["schedule"]), f"{float(row['cost']):.4g}", _fmt_ci(row), str(row["n"]))
+    console.print(table)
+    if result.best_uniform is not None:
+        better = (q.value >= result.best_uniform["value"]) if q.higher_is_better else (q.value <= result.best_uniform["value"])
+        verdict = "at least as good as" if better else "WORSE than"
+        console.print(f"the chosen schedule is {verdict} the best uniform schedule of equal or lower cost "
+                      f"({result.best_uniform['schedule']})", highlight=False)

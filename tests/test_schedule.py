@@ -1,0 +1,151 @@
+"""Tests the schedule: its cost, its checks, and its JSON file against the published schema."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from qsched_search.errors import QschedError
+from qsched_search.precisions import load_menu
+from qsched_search.schedule import (SCHEMA_PATH, Quality, Schedule, cost_of, costs_of, load_schedule, save_schedule,
+                                    schedule_schema, validate_schedule_dict)
+
+COSTS = {"fp32": 1.0, "w8a8": 0.066, "w4a8": 0.035, "w4a4": 0.019}
+
+
+def make_schedule(**overrides) -> Schedule:
+    levels = overrides.pop("levels", ("w8a8", "fp32", "w4a8", "w4a4"))
+    fields = dict(
+        levels=levels, steps=len(levels), timesteps=tuple(range(999, 0, -240))[: len(levels)], reference="fp32",
+        model_id="embedded", weights_sha256="ab" * 32, budget=0.5, cost_model="bops",
+        cost={"bops": cost_of(levels, COSTS), "memory": 0.4, "latency": None},
+        quality=Quality("lpips", 0.021, 0.014, 0.028, 64, False),
+        provenance={"tool_version": "0.1.0", "seed": 0, "prompts_sha256": "cd" * 32, "command": "qsched search",
+                    "created": "2026-11-25T00:00:00+00:00"},
+    )
+    fields.update(overrides)
+    return Schedule(**fields)
+
+
+def test_cost_is_the_mean_over_steps_of_the_level_costs():
+    assert cost_of(["fp32", "fp32"], COSTS) == 1.0
+    assert cost_of(["fp32", "w4a4", "w4a4", "w8a8"], COSTS) == pytest.approx((1 + 0.019 * 2 + 0.066) / 4)
+    both = costs_of(["w8a8", "fp32"], {"bops": COSTS, "memory": {"w8a8": 0.25, "fp32": 1.0}, "latency": None})
+    assert both == {"bops": pytest.approx(0.533), "memory": pytest.approx(0.625), "latency": None}
+    with pytest.raises(QschedError, match="level 'w2a8' has no cost"):
+        cost_of(["w2a8"], COSTS)
+
+
+def test_schema_is_valid_draft_2020_12():
+    import jsonschema
+
+    schema = schedule_schema()
+    assert schema["$schema"].endswith("2020-12/schema")
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert SCHEMA_PATH.is_file()
+
+
+def test_round_trip(tmp_path):
+    schedule = make_schedule(extras={"search": {"sampler": "tpe"}})
+    path = save_schedule(schedule, tmp_path / "schedule.json")
+    loaded = load_schedule(path)
+    assert loaded == schedule
+    assert loaded.levels == ("w8a8", "fp32", "w4a8", "w4a4") and loaded.steps == 4
+    assert loaded.level_at(999) == "w8a8"
+    # The file is the published format other tools read.
+    obj = json.loads(path.read_text())
+    assert obj["schema_version"] == 1
+    assert set(obj) >= {"model", "steps", "timesteps", "levels", "reference", "budget", "cost", "quality", "provenance"}
+    assert obj["cost"]["latency"] is None and obj["budget"] == {"fraction": 0.5, "cost_model": "bops"}
+    # A results folder works as well as the file.
+    assert load_schedule(tmp_path) == schedule
+
+
+def test_undefined_interval_is_written_as_null(tmp_path):
+    schedule = make_schedule(quality=Quality("lpips", 0.02, None, None, 1, False))
+    path = save_schedule(schedule, tmp_path / "s.json")
+    assert json.loads(path.read_text())["quality"]["ci_low"] is None
+    assert load_schedule(path).quality.ci_low is None
+
+
+def _write_bad(tmp_path, mutate) -> str:
+    obj = make_schedule().to_dict()
+    mutate(obj)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(obj))
+    with pytest.raises(QschedError) as info:
+        load_schedule(path)
+    message = str(info.value)
+    assert "\n" not in message, "errors are one line"
+    assert str(path) in message
+    return message
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda o: o["levels"].pop(), ["levels", "3 entries", "steps = 4", "one level per step"]),
+    (lambda o: o["timesteps"].pop(), ["timesteps", "one per step"]),
+    (lambda o: o["levels"].__setitem__(1, "w3a3"), ["levels[1]", "'w3a3'", "w8a8"]),
+    (lambda o: o["budget"].__setitem__("fraction", 1.5), ["budget.fraction", "1.5", "(0, 1]"]),
+    (lambda o: o["budget"].__setitem__("fraction", 0), ["budget.fraction", "= 0", "(0, 1]"]),
+    (lambda o: o["budget"].__setitem__("fraction", -0.2), ["budget.fraction", "-0.2", "(0, 1]"]),
+    (lambda o: o["budget"].__setitem__("cost_model", "flops"), ["budget.cost_model", "flops", "bops, memory, latency"]),
+    (lambda o: o.pop("levels"), ["levels is missing"]),
+    (lambda o: o["levels"].__setitem__(0, 8), ["levels[0]", "8", "level names"]),
+    (lambda o: o["quality"].pop("n"), ["quality.n is missing", "positive integer"]),
+    (lambda o: o["model"].__setitem__("weights_sha256", "xyz"), ["model.weights_sha256", "xyz", "64 lowercase hex"]),
+    (lambda o: o.__setitem__("schema_version", 2), ["schema_version", "2", "integer 1"]),
+    (lambda o: o["cost"].__setitem__("bops", 0.9), ["cost.bops", "over budget"]),
+    (lambda o: o.__setitem__("reference", "w8a8"), ["reference", "'w8a8'", "format 'reference'"]),
+])
+def test_malformed_schedules_are_rejected_with_one_line(tmp_path, mutate, expected):
+    message = _write_bad(tmp_path, mutate)
+    for part in expected:
+        assert part in message, (part, message)
+
+
+def test_not_json_and_missing_file(tmp_path):
+    bad = tmp_path / "s.json"
+    bad.write_text("{levels: ")
+    with pytest.raises(QschedError, match="not valid JSON"):
+        load_schedule(bad)
+    with pytest.raises(QschedError, match="not found"):
+        load_schedule(tmp_path / "nope.json")
+    bad.write_text("[1, 2]")
+    with pytest.raises(QschedError, match="JSON object"):
+        load_schedule(bad)
+
+
+def test_construction_checks_name_the_field():
+    with pytest.raises(QschedError, match=r"budget.fraction = 1.2 is outside \(0, 1\]"):
+        make_schedule(budget=1.2)
+    with pytest.raises(QschedError, match="levels has 4 entries .* but steps = 2"):
+        make_schedule(steps=2)
+    with pytest.raises(QschedError, match="over budget"):
+        make_schedule(levels=("fp32", "fp32", "w8a8", "w8a8"))
+    with pytest.raises(QschedError, match="cost.latency = null but the budget is in latency"):
+        make_schedule(cost_model="latency")
+    with pytest.raises(QschedError, match="quality.value"):
+        Quality("lpips", math.nan, None, None, 4, False)
+
+
+def test_save_validates_before_writing(tmp_path):
+    schedule = make_schedule(provenance={"tool_version": "0.1.0"})  # lacks seed, prompts hash, command, created
+    with pytest.raises(QschedError, match="provenance.seed is missing"):
+        save_schedule(schedule, tmp_path / "s.json")
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_levels_are_checked_against_the_menu_in_the_file_or_the_default(tmp_path):
+    menu = load_menu()
+    schedule = make_schedule(extras={"menu": {"levels": {"fp32": {"format": "reference", "weight_bits": 32, "act_bits": 32},
+                                                         "w8a8": {"format": "int", "weight_bits": 8, "act_bits": 8}}}})
+    path = tmp_path / "s.json"
+    # The file's own menu lacks w4a8: the schedule does not fit the menu it claims.
+    path.write_text(json.dumps(schedule.to_dict()))
+    with pytest.raises(QschedError, match=r"levels\[2\] = 'w4a8' is not in the precision menu"):
+        load_schedule(path)
+    # An explicit menu wins.
+    assert load_schedule(path, menu=menu).levels[2] == "w4a8"
+    validate_schedule_dict(schedule.to_dict())
