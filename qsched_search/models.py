@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +91,11 @@ def load_model(model: str | None = None, device: str = "cpu", dtype: str = "floa
             raise QschedError(f"model {model!r} not found: no such folder; pass a diffusers pipeline folder or a hub id like 'stabilityai/sd-turbo'")
         _check_folder(folder)
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(folder) if looks_local else model, torch_dtype=DTYPES[dtype],
-                                                 local_files_only=looks_local)
+        with warnings.catch_warnings():
+            # diffusers 0.42 renamed torch_dtype to dtype; the old name keeps older releases working.
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(str(folder) if looks_local else model, torch_dtype=DTYPES[dtype],
+                                                     local_files_only=looks_local)
     except QschedError:
         raise
     except Exception as exc:  # diffusers raises many types (OSError, ValueError, EnvironmentError) for a bad model
