@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -170,7 +171,8 @@ def main() -> None:
     header = [
         "embedded model evaluation (scripts/eval_embedded.py)",
         f"command: {command_line()}",
-        f"device: {device}; date: {now()}",
+        f"device: {device}, niceness {os.nice(0)}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        f"a 2-core machine shared with other jobs; date: {now()}",
         f"versions: {vers}",
         f"samples per row: {args.samples}, prompts cycle through the 10 classes, seeds {args.seed} + 500 b per batch b",
         f"judge: {EMBEDDED_JUDGE_DIR.name}, test accuracy {judge_test_acc:.4f}; judge_fd and fid vs the 10,000 "
@@ -206,6 +208,8 @@ def main() -> None:
     lines += ["", "The real-image row is the noise floor at this sample count: distances are biased upward at small n, "
               "so compare FD and FID only between rows of equal `samples`.", ""]
     write_text(args.out / "metrics.md", "\n".join(lines))
+    for name in ("metrics.csv", "metrics.md"):
+        (args.out / name).chmod(0o644)  # atomic writes start as 0600
     print(frame.to_string(index=False))
 
 
