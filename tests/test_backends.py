@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import build_tiny_sd_pipeline
+from tests.conftest import build_tiny_sd_pipeline
 from qsched_search.backends import RealKernelBank, kernel_for, real_kernel_levels, tensor_bytes
 from qsched_search.errors import QschedError
 from qsched_search.precisions import Level, Menu, load_menu

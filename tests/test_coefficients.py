@@ -258,7 +258,7 @@ def test_dict_section_is_accepted():
 
 @pytest.mark.parametrize("scheduler", ["euler-ancestral", "lcm"])
 def test_pipeline_with_coefficients_is_reproducible_and_restored(scheduler):
-    from conftest import build_tiny_sd_pipeline
+    from tests.conftest import build_tiny_sd_pipeline
 
     pipe = build_tiny_sd_pipeline(scheduler)
     pipe.set_progress_bar_config(disable=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_tiny_sd_pipeline
+from tests.conftest import build_tiny_sd_pipeline
 from qsched_search.bank import PrecisionBank
 from qsched_search.errors import QschedError
 from qsched_search.families import detect_family, load_family

@@ -14,21 +14,10 @@ from qsched_search import metrics as M
 from qsched_search import weights
 from qsched_search.embedded.vocab import CLASS_NAMES
 from qsched_search.errors import QschedError
+from tests.weights_helper import default_weights_or_skip
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ALL_METRICS = ["fid", "judge_acc", "judge_fd", "lpips", "psnr", "ssim"]
-
-
-def default_weights_or_skip() -> Path:
-    """The default weights folder; skipped when it was never fetched, except in CI where it must exist."""
-    folder = weights.weights_dir(None)
-    bad = [s for s in weights.check(folder) if s.status != "ok"]
-    if bad:
-        reason = f"weights not fetched in {folder} ({', '.join(s.name for s in bad)}); run `qsched weights fetch`"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return folder
 
 
 def load_png(name: str) -> torch.Tensor:
@@ -236,13 +225,23 @@ def test_judge_accuracy_refuses_prompts_that_are_not_classes():
         metric.score(torch.rand(2, 1, 64, 64), None, ["dress", "bag"])
 
 
-def test_judge_fd_of_the_test_set_against_itself_is_zero_and_noise_is_far(fmnist_test):
+def test_judge_fd_of_real_images_is_small_and_of_noise_large(fmnist_test):
     images, _ = fmnist_test
     metric, = M.build_metrics(["judge_fd"])
-    same = metric.score(images, None, [])
-    assert same.value < 1e-3 and same.n == len(images)
+    real = metric.score(images[:1000], None, [])  # a real subset against the shipped statistics of all 10,000
+    assert real.value < 5 and real.n == 1000 and real.ci_low <= real.value <= real.ci_high
     noise = metric.score(torch.rand(500, 1, 32, 32, generator=torch.Generator().manual_seed(0)), None, [])
     assert noise.value > 100 and noise.ci_low > 50
+
+
+@pytest.mark.slow
+def test_judge_fd_of_the_test_set_against_itself_is_zero(fmnist_test):
+    # All 10,000 images: also checks that real_stats.npz matches the metric's own feature path.
+    images, _ = fmnist_test
+    metric, = M.build_metrics(["judge_fd"])
+    metric.bootstrap_rounds = 10
+    same = metric.score(images, None, [])
+    assert same.value < 1e-3 and same.n == len(images)
 
 
 def test_judge_fd_refuses_stale_real_statistics(monkeypatch, tmp_path):

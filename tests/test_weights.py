@@ -16,20 +16,9 @@ from typer.testing import CliRunner
 from qsched_search import weights
 from qsched_search.cli.weights import app
 from qsched_search.errors import QschedError
+from tests.weights_helper import default_weights_or_skip
 
 runner = CliRunner()
-
-
-def default_weights_or_skip() -> Path:
-    """The default weights folder; skipped when it was never fetched, except in CI where it must exist."""
-    folder = weights.weights_dir(None)
-    bad = [s for s in weights.check(folder) if s.status != "ok"]
-    if bad:
-        reason = f"weights not fetched in {folder} ({', '.join(s.name for s in bad)}); run `qsched weights fetch`"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return folder
 
 
 def test_folder_argument_beats_env_beats_default(tmp_path, monkeypatch):
