@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,6 @@ import pytest
 import torch
 
 from qsched_search import metrics as M
-from qsched_search import weights
 from qsched_search.embedded.vocab import CLASS_NAMES
 from qsched_search.errors import QschedError
 from tests.weights_helper import default_weights_or_skip
