@@ -198,7 +198,7 @@ class ClipJaq(Objective):
             from transformers import CLIPModel, CLIPProcessor
 
             try:
-                return (CLIPModel.from_pretrained(folder, local_files_only=True),
+                return (_ClipFeatures(CLIPModel.from_pretrained(folder, local_files_only=True)),
                         CLIPProcessor.from_pretrained(folder, local_files_only=True))
             except (OSError, ValueError) as exc:
                 raise QschedError(f"--clip-model {str(folder)!r} could not be loaded: {str(exc).splitlines()[0][:160]}; "
@@ -231,6 +231,29 @@ class ClipJaq(Objective):
 
     def describe(self) -> dict:
         return {**super().describe(), "k": self.k, "clip_model": str(self.folder)}
+
+
+class _ClipFeatures(torch.nn.Module):
+    """A CLIP model whose get_text_features / get_image_features return tensors.
+
+    transformers 5 returns a model output there (the projected features in `pooler_output`); torchmetrics 1.9
+    divides the result by its norm and needs the tensor.
+    """
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+        self.config = clip.config
+
+    @staticmethod
+    def _tensor(out):
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.clip.get_text_features(*args, **kwargs))
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.clip.get_image_features(*args, **kwargs))
 
 
 @register_objective("reference")
@@ -389,7 +412,8 @@ def calibrate(runner: Runner, levels: Sequence[str], settings: CalibrationSettin
     coefficients. The identity is measured first, outside the sampler's budget, and kept if nothing beats it.
 
     Args:
-        runner (`Runner`): the model, its bank and steps; its evaluation set is replaced by the calibration set.
+        runner (`Runner`): the model, its bank and steps; a runner over the calibration samples is made from it
+            (the runner itself and its evaluation set are left as they are).
         levels (`Sequence[str]`): the precision schedule, one level per step.
         settings (`CalibrationSettings`): loss, parametrisation, sampler, trials, prompts, seeds.
         objective (`Objective`): from `build_objective`.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import logging
@@ -504,6 +505,19 @@ class JudgeAccuracy(_JudgeMixin, Metric):
         return Estimate(est.value, max(0.0, est.ci_low), min(1.0, est.ci_high), est.n)
 
 
+def _blas_threads(dim: int):
+    """One BLAS thread for small matrices, the default for large ones.
+
+    OpenBLAS threads spin-wait between the many small products of a 128-d bootstrap; on a busy CPU that made it
+    20 times slower (18 s instead of 0.8 s for 100 rounds). 2048-d products are large enough to gain from threads.
+    """
+    if dim > 512:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 class FrechetMetric(Metric):
     """A Frechet distance between features of the images and fixed reference statistics. Lower is better.
 
@@ -528,9 +542,10 @@ class FrechetMetric(Metric):
         feats = np.asarray(feats, dtype=np.float64)
         if feats.ndim != 2 or feats.shape[1] != len(mu_ref):
             raise QschedError(f"features of shape {feats.shape} do not match the {len(mu_ref)}-d reference statistics")
-        value = frechet_from_features(feats, mu_ref, sigma_ref)
-        low, high = bootstrap_frechet(feats, mu_ref, sigma_ref, value, rounds=self.bootstrap_rounds,
-                                      seed=self.bootstrap_seed)
+        with _blas_threads(feats.shape[1]):
+            value = frechet_from_features(feats, mu_ref, sigma_ref)
+            low, high = bootstrap_frechet(feats, mu_ref, sigma_ref, value, rounds=self.bootstrap_rounds,
+                                          seed=self.bootstrap_seed)
         return Estimate(value, low, high, len(feats))
 
     def score(self, images, reference, prompts) -> Estimate:

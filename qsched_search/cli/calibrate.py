@@ -101,13 +101,15 @@ def calibrate(
     calib = CalibrationSettings(loss=loss.value, param=param.value, trials=trials, sampler=sampler.value,
                                 low=low, high=high, grid_points=grid_points, k=None if k < 0 else k,
                                 samples=calib_samples, seed=seed, clip_model=clip_model or None)
+    pool_given = read_prompts(prompts)
     settings = RunSettings(model=model or (loaded.model_id if loaded else "embedded"), steps=steps,
                            precisions=tuple(sorted(set(levels) - {reference})), reference=reference, samples=64,
+                           prompts=pool_given,
                            seed=seed, device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
                            weights_dir=weights_dir or None)
     session = open_session(settings, metrics=False, menu=loaded.menu() if loaded else None)
     try:
-        pool = list(read_prompts(prompts) or session.model.family.default_prompts)
+        pool = list(pool_given or session.model.family.default_prompts)
         if not pool:
             raise QschedError(f"model family {session.model.family.family!r} has no default prompts; pass the "
                               "calibration prompt pool with --prompts 'a,b' or @FILE")
