@@ -219,6 +219,7 @@ class ProfileSettings:
             whose latency says nothing about a deployment; for checking the tool on a CPU).
         compile (`str`, defaults to `"full"`): `"full"`, `"regional"` or `"none"` (torchao backend only).
         compile_mode (`str`, *optional*): torch.compile mode.
+        cuda_graphs (`bool`, defaults to `False`): replay each level as one CUDA graph (torchao backend, CUDA only).
         warmup (`int`), repeats (`int`): untimed and timed calls per level.
         family (`str`, *optional*): the model family; detected if None.
         menu (`str`, *optional*): the precision menu YAML.
@@ -234,6 +235,7 @@ class ProfileSettings:
     backend: str = "torchao"
     compile: str = "full"
     compile_mode: str | None = None
+    cuda_graphs: bool = False
     warmup: int = 3
     repeats: int = 20
     family: str | None = None
@@ -248,6 +250,9 @@ class ProfileSettings:
             raise QschedError(f"--resolution must be a positive multiple of 8 pixels, got {self.resolution}")
         if self.repeats < 1 or self.warmup < 0:
             raise QschedError(f"--repeats must be >= 1 and --warmup >= 0; got {self.repeats}, {self.warmup}")
+        if self.cuda_graphs and (self.backend != "torchao" or not self.device.startswith("cuda")):
+            raise QschedError(f"--cuda-graphs needs --backend torchao on a CUDA device; got --backend {self.backend} "
+                              f"--device {self.device}; drop --cuda-graphs")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise QschedError(f"--device {self.device} but no CUDA device is visible here; run on a GPU machine or pass --device cpu")
 
@@ -281,7 +286,8 @@ def profile_model(settings: ProfileSettings, on_status: Callable[[str], None] = 
 
         on_status(f"building {len(levels)} torchao levels ({settings.compile} compile)")
         bank = RealKernelBank(model.denoiser, menu, levels[1:], settings.reference, list(model.family.exclude),
-                              compile=settings.compile, compile_mode=settings.compile_mode, calibration=(args, kwargs))
+                              compile=settings.compile, compile_mode=settings.compile_mode, calibration=(args, kwargs),
+                              cuda_graphs=settings.cuda_graphs)
     else:
         from qsched_search.bank import PrecisionBank
 

@@ -8,7 +8,8 @@
 #   scripts/device_wheels.sh          # what scripts/bench_gpu.py needs: diffusers, torchao (about 10 MB)
 #   scripts/device_wheels.sh --full   # also what the `qsched` commands need: optuna, jsonschema, lpips, clean-fid...
 #
-# Then, on the device, from the repository root (carrying .whl), one command runs the benchmark:
+# Then, on the device, from the repository root (carrying .whl), one command runs the benchmark
+# (scripts/run_bench_gpu.sh "$OUT/gpu" does the same with the settings of results/bench/gpu/):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD || exit; \
 #   PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --out "$OUT" 2>&1 | tee "$OUT/log.txt"

@@ -36,6 +36,7 @@ def profile(
     backend: Annotated[Backend, typer.Option("--backend", help="torchao: real kernels; fake-quant: the simulation (its latency means nothing for deployment).")] = Backend.torchao,
     compile: Annotated[CompileChoice, typer.Option("--compile", help="full: torch.compile each level's denoiser; regional: only its repeated blocks; none: eager.")] = CompileChoice.full,
     compile_mode: Annotated[str, typer.Option("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs).")] = "",
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay each level as one captured CUDA graph (torchao backend on CUDA): no host overhead per step.")] = False,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed calls per level after compiling.")] = 3,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed calls per level; the CSV has their median and spread.")] = 20,
     family: Annotated[str, typer.Option("--family", help="Model family (a file in configs/families); detected if omitted.")] = "",
@@ -51,7 +52,7 @@ def profile(
 
     settings = ProfileSettings(model=model, precisions=split_list(precisions), reference=reference, batch=batch,
                                resolution=resolution, device=device, dtype=dtype, backend=backend.value,
-                               compile=compile.value, compile_mode=compile_mode or None, warmup=warmup,
+                               compile=compile.value, compile_mode=compile_mode or None, cuda_graphs=cuda_graphs, warmup=warmup,
                                repeats=repeats, family=family or None, menu=menu or None)
     rows = profile_model(settings, on_status=lambda msg: console.print(msg, highlight=False))
     path = write_csv(rows, out, PROFILE_COLUMNS)
