@@ -113,6 +113,12 @@ def test_schedule_json_carries_coefficients_only_when_they_measured_better(tmp_p
         assert saved.quality.value == pytest.approx(0.016)
     else:
         assert saved.coefficients is None and saved.quality.value == 0.021
+    # The report's headline says what was kept and why.
+    from qsched_search.report import _coefficients_fact
+
+    label, value, detail = _coefficients_fact(json.loads(results.schedule.read_text()))
+    assert label == "Coefficients" and value == ("ramp m=0.9000 s=1.0200 (4 steps)" if helps else "none")
+    assert ("kept: they measured better" in detail) is helps and "lpips without 0.021" in detail
 
 
 def test_identity_coefficients_are_not_measured_again(tmp_path, monkeypatch, fake_calibrate):
