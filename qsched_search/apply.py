@@ -1,4 +1,4 @@
-"""Applies a saved precision schedule to a diffusers pipeline, so that a plain pipeline call follows it."""
+"""Applies a saved precision schedule (and its coefficients) to a diffusers pipeline, so that a plain call follows it."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from qsched_search.bank import PrecisionBank
+from qsched_search.coefficients import AppliedCoefficients, apply_coefficients
 from qsched_search.errors import QschedError
 from qsched_search.families import Family, detect_family, load_family
 from qsched_search.precisions import Menu, load_menu
@@ -15,17 +16,20 @@ from qsched_search.precisions import Menu, load_menu
 
 @dataclass
 class AppliedSchedule:
-    """The handle `apply_schedule` returns: the bank it installed and a way to take it out again."""
+    """The handle `apply_schedule` returns: what it installed and a way to take it out again."""
 
     bank: PrecisionBank
     levels: tuple[str, ...]
     timesteps: tuple[int, ...]
     _hook: object
+    coefficients: AppliedCoefficients | None = None
 
     def remove(self) -> None:
-        """Restores the pipeline's original layers."""
+        """Restores the pipeline's original layers and scheduler."""
         self._hook.remove()
         self.bank.remove()
+        if self.coefficients is not None:
+            self.coefficients.remove()
 
 
 def _timestep_of(args: tuple, kwargs: dict) -> float:
@@ -36,8 +40,12 @@ def _timestep_of(args: tuple, kwargs: dict) -> float:
     return float(t.flatten()[0])
 
 
-def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family: Family | str | None = None) -> AppliedSchedule:
+def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family: Family | str | None = None,
+                   coefficients: bool = True) -> AppliedSchedule:
     """Installs a precision bank into `pipe`'s denoiser that picks each call's level from the schedule.
+
+    If the schedule has a `coefficients` section (from `qsched calibrate` or `qsched search --with-coefficients`),
+    its factors are installed on `pipe.scheduler` too, so the call runs the calibrated sampler.
 
     The level is chosen by the timestep the denoiser is called with, so both halves of a classifier-free-guidance
     batch (or two separate CFG calls) run at the same level, and a call at a timestep the schedule was not made for
@@ -54,6 +62,7 @@ def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family
         menu (*optional*): the precision menu; the one recorded in the schedule (else configs/precisions.yaml) if
             omitted.
         family (*optional*): the model family; detected from the pipeline class if omitted.
+        coefficients (`bool`, defaults to True): apply the schedule's coefficients section, if it has one.
 
     Returns:
         `AppliedSchedule`: call `.remove()` to restore the pipeline.
@@ -85,4 +94,10 @@ def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family
 
     # Registered first among pre-hooks, so the bank's per-level call counter sees the level chosen here.
     hook = bank.denoiser.register_forward_pre_hook(select_level, with_kwargs=True, prepend=True)
-    return AppliedSchedule(bank=bank, levels=levels, timesteps=timesteps, _hook=hook)
+    try:
+        applied = apply_coefficients(pipe, schedule.coefficients) if coefficients else None
+    except BaseException:
+        hook.remove()
+        bank.remove()
+        raise
+    return AppliedSchedule(bank=bank, levels=levels, timesteps=timesteps, _hook=hook, coefficients=applied)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from qsched_search.errors import QschedError
+from qsched_search.paths import SCHEMA_DIR
 
 __all__ = [
     "COEFFICIENTS_SCHEMA",
@@ -33,35 +35,11 @@ _UPCASTING = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "Flow
 # Ramp values are written to JSON as floats; a file's per-step lists must match its (m, s) within this.
 _RAMP_TOL = 1e-6
 
-# The `coefficients` section of schedule.json (JSON Schema draft 2020-12). Cross-field rules JSON Schema cannot
+# The `coefficients` section of schedule.json (JSON Schema draft 2020-12), read from the published schema so that
+# the file and the code cannot disagree. Cross-field rules JSON Schema cannot
 # state (len(model_coeff) == len(sample_coeff) == steps; a ramp's lists equal linspace(m, 1, steps)) are checked by
 # `Coefficients.from_dict` and, for `steps`, by the schedule that holds the section.
-COEFFICIENTS_SCHEMA: dict = {
-    "description": "optional: Q-Sched preconditioning coefficients; at step i the scheduler's step() gets "
-                   "model_output * model_coeff[i] and sample * sample_coeff[i] (qsched_search.coefficients)",
-    "type": "object",
-    "required": ["version", "kind", "model_coeff", "sample_coeff"],
-    "properties": {
-        "version": {"description": "the integer 1 (this section's version)", "const": 1},
-        "kind": {"description": "one of identity, ramp (linspace(m, 1, steps) and linspace(s, 1, steps)), per-step",
-                 "enum": list(KINDS)},
-        "ramp": {
-            "description": "for kind ramp: an object with the first step's factors m and s (the last step's are 1)",
-            "type": "object",
-            "required": ["m", "s"],
-            "properties": {
-                "m": {"description": "a number > 0: model_coeff of step 0", "type": "number", "exclusiveMinimum": 0},
-                "s": {"description": "a number > 0: sample_coeff of step 0", "type": "number", "exclusiveMinimum": 0},
-            },
-        },
-        "model_coeff": {"description": "a list of positive numbers, one per step: the factor of the denoiser output",
-                        "type": "array", "minItems": 1, "items": {"type": "number", "exclusiveMinimum": 0}},
-        "sample_coeff": {"description": "a list of positive numbers, one per step: the factor of the current sample",
-                         "type": "array", "minItems": 1, "items": {"type": "number", "exclusiveMinimum": 0}},
-        "calibration": {"description": "optional: how the coefficients were learned (loss, trials, prompts, seeds, "
-                                       "objective values); see qsched_search.calibrate", "type": "object"},
-    },
-}
+COEFFICIENTS_SCHEMA: dict = json.loads((SCHEMA_DIR / "schedule.schema.json").read_text())["properties"]["coefficients"]
 
 
 def _positive_finite(x: Any) -> bool:

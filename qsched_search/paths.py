@@ -54,6 +54,10 @@ class ResultsDir:
         return self.root / "pareto.csv"
 
     @property
+    def pareto_coefficients_csv(self) -> Path:
+        return self.root / "pareto_coefficients.csv"
+
+    @property
     def pareto_png(self) -> Path:
         return self.root / "pareto.png"
 

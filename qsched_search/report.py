@@ -949,6 +949,9 @@ def _headline_facts(report: Report) -> list[tuple[str, str, str]]:
         facts.append(
             ("vs best uniform at ≤ cost", "none", "no uniform schedule at or below this cost is in trials.csv")
         )
+    coefficients = _coefficients_fact(s)
+    if coefficients is not None:
+        facts.append(coefficients)
     b = report.baseline.schedule if report.baseline is not None else None
     if b is not None:
         bq = b["quality"]
@@ -965,6 +968,26 @@ def _headline_facts(report: Report) -> list[tuple[str, str, str]]:
             )
         )
     return facts
+
+
+def _coefficients_fact(schedule: dict) -> tuple[str, str, str] | None:
+    """The schedule's Q-Sched coefficients, and what `search --with-coefficients` measured with and without them."""
+    from qsched_search.coefficients import Coefficients
+
+    section = schedule.get("coefficients")
+    measured = (schedule.get("search") or {}).get("coefficients")
+    if section is None and measured is None:
+        return None
+    value = Coefficients.from_dict(section).describe() if section is not None else "none"
+    detail = "applied by `qsched generate` and `apply_schedule`" if section is not None else ""
+    if measured:
+        without, with_ = measured.get("without") or {}, measured.get("with") or {}
+        detail = (f"{without.get('metric')} without {_ci(without.get('value'), without.get('ci_low'), without.get('ci_high'))}, "
+                  f"with {measured.get('with_coefficients', '')} "
+                  f"{_ci(with_.get('value'), with_.get('ci_low'), with_.get('ci_high')) if with_ else '(same: identity)'}; "
+                  f"{'kept: they measured better' if measured.get('applied') else 'not kept: they did not measure better'} "
+                  f"({measured.get('loss')} loss; every candidate in {measured.get('file')})")
+    return ("Coefficients", value, detail)
 
 
 def _image_grid(report: Report) -> tuple[list[str], list[dict]]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from qsched_search.coefficients import Coefficients
 from qsched_search.errors import QschedError
 from qsched_search.io import write_json
 from qsched_search.paths import SCHEMA_DIR
@@ -117,7 +118,8 @@ class Schedule:
             profile); the cost under `cost_model` must be within `budget`.
         quality (`Quality`): the measured quality.
         provenance (`Mapping`): tool_version, seed, prompts_sha256, command, created (more keys allowed).
-        extras (`Mapping`, *optional*): optional JSON fields (`menu`, `exclude`, `search`), kept as they are.
+        extras (`Mapping`, *optional*): optional JSON fields (`menu`, `exclude`, `search`, `coefficients`), kept as
+            they are; a `coefficients` section must cover exactly `steps` steps.
     """
 
     levels: tuple[str, ...]
@@ -172,6 +174,13 @@ class Schedule:
             raise QschedError(f"schedule quality = {self.quality!r} is invalid; allowed: a Quality")
         if not isinstance(self.model_id, str) or not self.model_id:
             raise QschedError(f"schedule model.id = {self.model_id!r} is invalid; allowed: a non-empty model id")
+        _ = self.coefficients  # a section for another step count fails here, not when a pipeline runs it
+
+    @property
+    def coefficients(self) -> Coefficients | None:
+        """The Q-Sched coefficients of the `coefficients` section, or None if the file has none."""
+        raw = self.extras.get("coefficients")
+        return None if raw is None else Coefficients.from_dict(raw, source="schedule coefficients", steps=self.steps)
 
     # ------------------------------------------------------------------------------------------- views
 

@@ -441,6 +441,7 @@ class Bench:
                 old = pd.read_csv(self.out / FILES["beat_csv"]) if (self.out / FILES["beat_csv"]).is_file() else pd.DataFrame()
                 frame = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
                 write_csv(self.out / FILES["beat_csv"], frame.drop_duplicates(subset=["steps", "level", "config"], keep="last"))
+        write_json(self.path("manifest"), self.manifest("beat"))
 
     def manifest(self, phase: str) -> dict:
         path = self.path("manifest")

@@ -9,6 +9,7 @@ import pandas as pd
 import typer
 
 from qsched_search.cli._common import BatchOpt, DeviceOpt, DtypeOpt, PromptsOpt, WeightsOpt, console, user_errors
+from qsched_search.coefficients import apply_coefficients
 from qsched_search.images import save_png
 from qsched_search.io import write_csv
 from qsched_search.schedule import load_schedule
@@ -27,12 +28,17 @@ def generate(
     batch_size: BatchOpt = 64,
     weights_dir: WeightsOpt = "",
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the PNGs and index.csv.")] = "results/generate",
+    no_coefficients: Annotated[bool, typer.Option("--no-coefficients", help="Ignore the schedule's coefficients "
+                                                  "section (run the stock scheduler).")] = False,
 ):
     """Run the pipeline with the schedule's level at each step and write OUT/NN.png and OUT/index.csv.
 
+    A schedule with a `coefficients` section (from `qsched calibrate` or `qsched search --with-coefficients`) also
+    rescales the denoiser output and the sample before each scheduler step, unless --no-coefficients is given.
     With the schedule's seed and prompts, the images equal the search's images/schedule/ files bit for bit.
     """
     loaded = load_schedule(schedule)
+    coefficients = None if no_coefficients else loaded.coefficients
     menu = loaded.menu()
     settings = RunSettings(model=model or loaded.model_id, steps=loaded.steps, precisions=tuple(sorted(set(loaded.levels))),
                            reference=loaded.reference, samples=samples,
@@ -43,7 +49,12 @@ def generate(
     try:
         if session.model.weights_sha256() != loaded.weights_sha256:
             console.print(f"[yellow]warning:[/] {settings.model!r} has other weights than the schedule was searched on")
-        result = session.runner.run(loaded.levels)
+        applied = apply_coefficients(session.model.pipe, coefficients)
+        try:
+            result = session.runner.run(loaded.levels)
+        finally:
+            if applied is not None:
+                applied.remove()
     finally:
         session.close()
     rows = []
@@ -51,9 +62,12 @@ def generate(
         file = f"{k:02d}.png"
         save_png(image, Path(out) / file)
         rows.append({"sample": k, "prompt": session.eval_set.prompts[k], "seed": session.eval_set.seeds[k], "file": file,
-                     "schedule": ",".join(loaded.levels), "problem": result.problems[k] or ""})
+                     "schedule": ",".join(loaded.levels),
+                     "coefficients": coefficients.describe() if coefficients else "none",
+                     "problem": result.problems[k] or ""})
     write_csv(Path(out) / "index.csv", pd.DataFrame(rows))
     bad = sum(p is not None for p in result.problems)
     if bad:
         console.print(f"[yellow]warning:[/] {bad} of {len(rows)} images are unusable (NaN, blank or noise); see index.csv")
-    console.print(f"wrote {len(rows)} images to {out}/ (schedule {','.join(loaded.levels)})")
+    with_coeffs = f"; coefficients {coefficients.describe()}" if coefficients else ""
+    console.print(f"wrote {len(rows)} images to {out}/ (schedule {','.join(loaded.levels)}{with_coeffs})")

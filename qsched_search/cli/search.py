@@ -24,6 +24,12 @@ class CostModel(str, enum.Enum):
     latency = "latency"
 
 
+class CoefficientLoss(str, enum.Enum):
+    auto = "auto"
+    jaq = "jaq"
+    reference = "reference"
+
+
 class SamplerName(str, enum.Enum):
     auto = "auto"
     tpe = "tpe"
@@ -58,6 +64,16 @@ def search(
     menu: MenuOpt = "",
     weights_dir: WeightsOpt = "",
     out: Annotated[str, typer.Option("--out", "-o", help="Results folder (the probe's, to reuse its table).")] = "results/probe",
+    with_coefficients: Annotated[bool, typer.Option("--with-coefficients", help="Then calibrate Q-Sched coefficients "
+                                                    "for the best Pareto schedules within the budget and measure each "
+                                                    "with and without them (OUT/pareto_coefficients.csv).")] = False,
+    coefficients_loss: Annotated[CoefficientLoss, typer.Option("--coefficients-loss", help="auto: reference (LPIPS to "
+                                                               "full precision) for a paired objective, else jaq.")] = CoefficientLoss.auto,
+    coefficients_trials: Annotated[int, typer.Option("--coefficients-trials", help="Calibration trials per schedule.")] = 12,
+    coefficients_samples: Annotated[int, typer.Option("--coefficients-samples", help="Calibration samples per trial "
+                                                      "(seeds disjoint from the evaluation's).")] = 32,
+    coefficients_candidates: Annotated[int, typer.Option("--coefficients-candidates", help="Pareto schedules within "
+                                                         "the budget to calibrate, the best first.")] = 3,
 ):
     """Search the precision of each denoising step: best measured quality within the cost budget.
 
@@ -65,10 +81,13 @@ def search(
     the probe table (greedy and an exact dynamic programme on the per-step deltas). Every schedule is measured by
     running it on the probe's prompts and seeds; none is measured twice. Writes OUT/schedule.json, trials.csv,
     pareto.csv, pareto.png, history.png, images/ and manifest.json; the study lives in OUT/study.db, so running the
-    same command again resumes it.
+    same command again resumes it. With --with-coefficients, each of the best Pareto schedules also gets Q-Sched
+    coefficients (`qsched calibrate`'s two levers) and is measured with and without them; schedule.json carries
+    the chosen schedule's coefficients when they measured better.
     """
     import optuna
 
+    from qsched_search.joint import JointSettings, calibrate_front
     from qsched_search.search import SearchSettings, open_search_session, run_search
 
     started = time.time()
@@ -76,6 +95,8 @@ def search(
     search_settings = SearchSettings(budget=budget, cost_model=cost.value, objective=objective or None, trials=trials,
                                      sampler=sampler.value, storage=storage or None, study=study or None,
                                      profile=profile or None, probe=probe_table or None, images=images)
+    joint = (JointSettings(loss=coefficients_loss.value, trials=coefficients_trials, samples=coefficients_samples,
+                           candidates=coefficients_candidates) if with_coefficients else None)
     settings = RunSettings(model=model, steps=steps, precisions=split_list(precisions), reference=reference,
                            samples=samples, seed=seed, prompts=read_prompts(prompts), metrics=split_list(metrics),
                            device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
@@ -95,9 +116,17 @@ def search(
 
             result = run_search(session, search_settings, results, on_trial=on_trial,
                                 on_status=lambda msg: progress.console.print(msg, highlight=False))
+        joint_result = None
+        if joint is not None:
+            joint_result = calibrate_front(session, result, joint, results,
+                                           on_status=lambda msg: console.print(msg, highlight=False))
+            result.schedule = joint_result.schedule
+            result.files.append(results.pareto_coefficients_csv)
     finally:
         session.close()
     _print_summary(result)
+    if joint_result is not None:
+        _print_coefficients(joint_result)
     console.print(f"stopped: {result.stopped_because}; {result.new_evaluations} new evaluations, "
                   f"{len(result.trials)} trials in study {result.study_name} ({result.storage})", highlight=False)
     console.print(f"wrote {', '.join(str(f) for f in result.files)} in {time.time() - started:.0f} s", highlight=False)
@@ -127,3 +156,18 @@ def _print_summary(result) -> None:
         verdict = "at least as good as" if better else "WORSE than"
         console.print(f"the chosen schedule is {verdict} the best uniform schedule of equal or lower cost "
                       f"({result.best_uniform['schedule']})", highlight=False)
+
+
+def _print_coefficients(joint) -> None:
+    front = joint.front
+    table = Table(title="Pareto schedules within the budget, without and with calibrated coefficients (95% CI)")
+    for col in ("schedule", "cost", "without", "with", "coefficients"):
+        table.add_column(col, justify="right" if col == "cost" else "left")
+    for row in front.to_dict("records"):
+        with_ = (f"failed: {row['fail_reason']}" if isinstance(row.get("fail_reason"), str) and row["fail_reason"]
+                 else _fmt_ci({"value": row["value_with"], "ci_low": row["ci_low_with"], "ci_high": row["ci_high_with"]}))
+        table.add_row(row["schedule"], f"{row['cost']:.4g}", _fmt_ci(row), with_, str(row.get("coefficients") or ""))
+    console.print(table)
+    verdict = ("schedule.json carries the chosen schedule's coefficients: they measured better" if joint.applied
+               else "schedule.json has no coefficients: they did not measure better for the chosen schedule")
+    console.print(verdict, highlight=False)
