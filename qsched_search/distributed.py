@@ -21,8 +21,8 @@ from optuna.trial import TrialState
 
 from qsched_search.errors import QschedError
 
-__all__ = ["GRACE_FACTOR", "HEARTBEAT_SECONDS", "MAX_RETRY", "StudyWorker", "check_heartbeat", "engine_kwargs",
-           "heartbeat_kwargs", "last_line", "retry_callback", "run_workers", "worker_argv", "worker_id"]
+__all__ = ["GRACE_FACTOR", "HEARTBEAT_SECONDS", "MAX_RETRY", "ResumingBruteForceSampler", "StudyWorker", "check_heartbeat", "engine_kwargs",
+           "heartbeat_kwargs", "last_line", "retry_callback", "run_workers", "waiting_params", "worker_argv", "worker_id"]
 
 # Optuna's heartbeat: a worker writes one every HEARTBEAT_SECONDS while a trial runs; a RUNNING trial whose last
 # heartbeat is older than GRACE_FACTOR times that belongs to a dead worker and is failed and queued again.
@@ -236,3 +236,25 @@ def last_line(path: Path) -> str:
     except OSError:
         return ""
     return lines[-1] if lines else ""
+
+
+# ================================================================================================ the exhaustive sampler
+
+
+def waiting_params(trial) -> dict:
+    """The parameters a WAITING trial will run with: its own (a retried trial) or those it was enqueued with."""
+    return dict(trial.params) or dict(trial.system_attrs.get("fixed_params", {}))
+
+
+class ResumingBruteForceSampler(optuna.samplers.BruteForceSampler):
+    """Optuna's brute force, except that it does not stop the study while trials are queued.
+
+    Brute force counts a FAIL trial as done and stops once every combination has a finished trial; a trial cut off
+    by a kill or Ctrl-C is FAIL too, and its schedule is queued again (by the resume, or Optuna's retry of a stale
+    trial), so stopping then would leave that schedule unmeasured.
+    """
+
+    def after_trial(self, study, trial, state, values) -> None:
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return
+        super().after_trial(study, trial, state, values)

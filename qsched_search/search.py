@@ -20,7 +20,8 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from qsched_search._version import __version__
-from qsched_search.distributed import HEARTBEAT_SECONDS, StudyWorker, check_heartbeat, engine_kwargs, heartbeat_kwargs
+from qsched_search.distributed import (HEARTBEAT_SECONDS, ResumingBruteForceSampler, StudyWorker, check_heartbeat,
+                                       engine_kwargs, heartbeat_kwargs, waiting_params)
 from qsched_search.errors import QschedError
 from qsched_search.io import save_figure, write_csv
 from qsched_search.paths import ResultsDir
@@ -365,7 +366,7 @@ SAMPLER_FACTORIES: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
         seed=seed, population_size=int(min(50, max(8, trials // 4))), **_constraints_kwargs(cf))),
     "random": _quiet(lambda seed, trials, cf=None: optuna.samplers.RandomSampler(seed=seed)),
     # avoid_premature_stop: a schedule RUNNING on a worker that died is not "done"; the others wait and take it over.
-    "exhaustive": _quiet(lambda seed, trials, cf=None: optuna.samplers.BruteForceSampler(seed=seed, avoid_premature_stop=True)),
+    "exhaustive": _quiet(lambda seed, trials, cf=None: ResumingBruteForceSampler(seed=seed, avoid_premature_stop=True)),
 }
 
 
@@ -695,8 +696,9 @@ class ScheduleSearch:
         for t in study.get_trials(deepcopy=False):
             if len(t.params) == self.steps:
                 latest[self._key_of_params(t.params)] = t
+        waiting = {self._key_of_params(waiting_params(t)) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
         for key, t in latest.items():
-            if t.state == TrialState.FAIL and "evaluation" not in t.user_attrs:
+            if t.state == TrialState.FAIL and "evaluation" not in t.user_attrs and key not in waiting:
                 source = t.user_attrs.get("proposed_by") or t.user_attrs.get("source") or self.sampler_name
                 study.enqueue_trial(dict(t.params), user_attrs={"source": source})
 
@@ -753,7 +755,7 @@ class ScheduleSearch:
             study.add_trials(added)
 
     def _enqueue_warm_start(self, study: optuna.Study) -> None:
-        waiting = {self._key_of_params(t.params) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+        waiting = {self._key_of_params(waiting_params(t)) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
         for levels, source in self.warm_start:
             key = schedule_key(levels)
             if key in self._cache or key in waiting or len(levels) != self.steps:

@@ -40,6 +40,7 @@ def _victim_trial(storage, study: str, pid: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_three_workers_on_postgres_one_killed_mid_trial(postgres, tmp_path):
     reference = run_search("--out", str(tmp_path / "single"))
