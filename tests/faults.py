@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qsched_search.paths import EMBEDDED_MODEL_DIR
-from tests.reliability import front, leftovers
+from tests.reliability import front, leftovers, measured_once
 
 # 1 step x {fp32, w8a8, w4a4} = 3 schedules; 2 samples; SSIM needs no metric weights.
 SEARCH = ["search", "--steps", "1", "--precisions", "w8a8,w4a4", "--samples", "2", "--objective", "ssim",
@@ -222,10 +222,7 @@ def run_fault(fault: Fault, folder: Path) -> dict:
         outcome["resumed"] = "ok" if again.exit_code == 0 else f"exit {again.exit_code}: {again.output[-300:]}"
         if fault.args[0] == "search" and again.exit_code == 0:
             outcome["trials_lost"] = int(front(folder / "pareto.csv") != front(baseline / "pareto.csv"))
-            trials = pd.read_csv(folder / "trials.csv")
-            ran = (trials["state"] == "COMPLETE") | trials["fail_reason"].fillna("").astype(str).ne("")
-            measured = trials[(trials["source"] != "cache") & ran]["schedule"]
-            outcome["evaluated_twice"] = int(measured.duplicated().sum())
+            outcome["evaluated_twice"] = measured_once(folder / "trials.csv")[1]
         if fault.args[0] == "probe" and again.exit_code == 0:
             same = (folder / "probe.csv").read_text() == (baseline / "probe.csv").read_text()
             outcome["trials_lost"] = int(not same)
