@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from qsched_search.errors import QschedError
 
 __all__ = ["GRACE_FACTOR", "HEARTBEAT_SECONDS", "MAX_RETRY", "ResumingBruteForceSampler", "StudyWorker", "check_heartbeat", "engine_kwargs",
-           "heartbeat_kwargs", "last_line", "retry_callback", "run_workers", "waiting_params", "worker_argv", "worker_id"]
+           "heartbeat_kwargs", "last_line", "rdb_storage", "retry_callback", "run_workers", "waiting_params", "worker_argv", "worker_id"]
 
 # Optuna's heartbeat: a worker writes one every HEARTBEAT_SECONDS while a trial runs; a RUNNING trial whose last
 # heartbeat is older than GRACE_FACTOR times that belongs to a dead worker and is failed and queued again.
@@ -148,7 +148,7 @@ class StudyWorker:
         states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)
         while True:
             ahead = False
-            for t in self.storage.get_all_trials(study._study_id, deepcopy=False, states=states):
+            for t in study._storage.get_all_trials(study._study_id, deepcopy=False, states=states):
                 attrs = t.user_attrs
                 if attrs.get("schedule") != key and attrs.get("claim") != key:
                     continue
@@ -167,7 +167,7 @@ class StudyWorker:
     def evaluated(self, study: optuna.Study) -> dict[str, dict]:
         """Schedule key -> evaluation record of every finished trial in the study (all workers')."""
         out: dict[str, dict] = {}
-        for t in self.storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        for t in study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
             record, key = t.user_attrs.get("evaluation"), t.user_attrs.get("schedule")
             if record is not None and key and self.usable(record):
                 out.setdefault(key, record)
@@ -258,3 +258,20 @@ class ResumingBruteForceSampler(optuna.samplers.BruteForceSampler):
         if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             return
         super().after_trial(study, trial, state, values)
+
+
+def rdb_storage(url: str, attempts: int = 5, **kwargs) -> optuna.storages.RDBStorage:
+    """`optuna.storages.RDBStorage(url, **kwargs)`, tried again when workers starting at once on a new database
+    race to create its tables (the loser sees a unique-constraint error, and the tables made by the winner)."""
+    import random
+
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except (IntegrityError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random() * (attempt + 1))
+    raise AssertionError("unreachable")

@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from qsched_search._version import __version__
 from qsched_search.distributed import (HEARTBEAT_SECONDS, ResumingBruteForceSampler, StudyWorker, check_heartbeat,
-                                       engine_kwargs, heartbeat_kwargs, waiting_params)
+                                       engine_kwargs, heartbeat_kwargs, rdb_storage, waiting_params)
 from qsched_search.errors import QschedError
 from qsched_search.io import save_figure, write_csv
 from qsched_search.paths import ResultsDir
@@ -403,8 +403,8 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None, default: str
     several processes can share the study (`qsched_search.distributed`).
 
     Returns:
-        `(storage, description, single_worker)`: `single_worker` is True for SQLite and in-memory storages, where
-        a trial left RUNNING can only come from a process that was killed.
+        `(storage, description, single_worker)`: `single_worker` is True for SQLite and in-memory storages (one
+        machine); whether another live process shares the study is `distributed.StudyWorker.alone()`'s question.
     """
     if isinstance(storage, optuna.storages.BaseStorage):
         single = isinstance(storage, optuna.storages.InMemoryStorage) or "sqlite" in str(getattr(storage, "url", ""))
@@ -420,7 +420,7 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None, default: str
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), **extra)
+            rdb = rdb_storage(url, engine_kwargs=engine_kwargs(url), **extra)
     except Exception as exc:  # SQLAlchemy raises ArgumentError, OperationalError, ModuleNotFoundError for drivers...
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise QschedError(f"--storage {redact(url)!r} could not be opened ({type(exc).__name__}: {reason}); pass a database "
@@ -683,7 +683,7 @@ class ScheduleSearch:
     # ------------------------------------------------------------------------------------------- resume and cache
 
     def _recover(self, study: optuna.Study) -> None:
-        """Fails trials a killed run left RUNNING (single-worker storages) and queues them, and any trial that
+        """Fails trials a killed run left RUNNING (when no other worker is live) and queues them, and any trial that
         crashed before it was evaluated, again."""
         storage = study._storage
         if self.worker.alone():  # else the heartbeat finds the dead workers' trials (distributed.StudyWorker)

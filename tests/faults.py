@@ -156,7 +156,8 @@ FAULTS: list[Fault] = [
     Fault("precision gives inf", "numeric", _S, 0, inject=_levels_nan(float("inf"), "w4a4"), failed_trials=("w4a4",)),
     Fault("unwritable output folder", "io", _S, 2, "is not a writable folder", _out_under_a_file),
     Fault("unwritable output folder (probe)", "io", _P, 2, "is not a writable folder", _out_under_a_file),
-    Fault("disk full during a write", "io", _S, 74, "No space left on device (errno ENOSPC)", _disk_full, resume=True),
+    Fault("disk full during a write", "io", _S, 74, "trials.csv': No space left on device (errno ENOSPC)", _disk_full,
+          resume=True),
     Fault("Ctrl-C during search", "interrupt", _S, 130, inject=_ctrl_c_after(1), resume=True),
     Fault("Ctrl-C during probe", "interrupt", _P, 130, inject=_ctrl_c_after(2), resume=True),
 ]

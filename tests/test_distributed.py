@@ -83,3 +83,40 @@ def test_three_workers_on_postgres_one_killed_mid_trial(postgres, tmp_path):
     expected = front(tmp_path / "single" / "pareto.csv")
     for k in (1, 2):
         assert front(tmp_path / f"w{k}" / "pareto.csv") == expected
+
+
+_WORKER = """
+import sys
+sys.path.insert(0, {tests!r})
+import optuna
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+from test_search import FakeEvaluator, make_search
+fake = FakeEvaluator(delay=float(sys.argv[3]), log=sys.argv[2])
+make_search(fake.evaluate, steps=2, sampler=sys.argv[4], trials=int(sys.argv[5]), storage=sys.argv[1],
+            warm_start=[(("w8a8",) * 2, "uniform"), (("w4a4",) * 2, "uniform")]).run()
+"""
+
+
+@pytest.mark.parametrize("sampler, trials", [("exhaustive", 16), ("random", 8)])
+def test_workers_on_one_sqlite_study_measure_each_schedule_once(tmp_path, sampler, trials):
+    """Three processes draw from one study at once (the random sampler proposes repeats on purpose): every
+    schedule is measured by exactly one of them; the others reuse or wait for its result."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    storage, log = f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "evaluations.log"
+    script = _WORKER.format(tests=str(Path(__file__).resolve().parent))
+    procs = [subprocess.Popen([sys.executable, "-c", script, storage, str(log), "0.05", sampler, str(trials)],
+                              stderr=subprocess.PIPE) for _ in range(3)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    measured = Counter(log.read_text().splitlines())
+    assert set(measured.values()) == {1}, [k for k, v in measured.items() if v > 1]
+    if sampler == "exhaustive":
+        assert len(measured) == 16
+    study = optuna.load_study(study_name=optuna.get_all_study_summaries(storage)[0].study_name, storage=storage)
+    states = Counter(t.state.name for t in study.trials)
+    assert states["RUNNING"] == 0
+    workers = {t.user_attrs.get("worker") for t in study.trials if t.user_attrs.get("source") != "cache"}
+    assert len(workers - {None}) >= 2, "the work was not shared"

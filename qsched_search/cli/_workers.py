@@ -31,11 +31,10 @@ def start_local_workers(ctx, workers: int, results: ResultsDir, storage: str | N
     Returns:
         `str`: the storage URL, for the final, evaluation-free pass over the study.
     """
-    from optuna.storages import RDBStorage  # noqa: F401  (fail here, not in K workers, if Optuna is broken)
-
-    from qsched_search.search import sqlite_url
+    from qsched_search.search import open_storage, sqlite_url
 
     url = storage or sqlite_url(results.study_db)
+    open_storage(url)  # the tables are made once, here, and a bad URL fails here rather than in K workers
     options = {p.name: max(p.opts, key=len) for p in ctx.command.params if p.opts and p.opts[0].startswith("-")}
     probe = probe or (str(results.probe_csv) if results.probe_csv.is_file() else None)
     folders = [results.root / "workers" / str(k) for k in range(workers)]
