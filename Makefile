@@ -6,7 +6,7 @@ DEMO ?= results/demo
 # PyPI's CUDA build of torch also runs on CPU, and PyPI's torchvision (needed by lpips and clean-fid) loads only with it.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup weights system-deps demo test test-fast bench clean
+.PHONY: setup weights system-deps demo test test-fast bench bench-reliability clean
 
 setup: $(VENV)/.installed weights
 
@@ -21,11 +21,12 @@ $(VENV)/.installed: pyproject.toml
 weights: $(VENV)/.installed
 	$(BIN)/qsched weights fetch
 
-# Debian packages: the Fashion-MNIST files (tests, benchmarks) and headless Chromium (report screenshot test).
+# Debian packages: the Fashion-MNIST files (tests, benchmarks), headless Chromium (report screenshot test) and
+# PostgreSQL (the several-workers test starts its own throw-away server; the system's is not used).
 system-deps:
 	@if [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist chromium chromium-driver >/dev/null; \
-	else echo "system-deps: run as root (apt-get install dataset-fashion-mnist chromium chromium-driver)"; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist chromium chromium-driver postgresql >/dev/null; \
+	else echo "system-deps: run as root (apt-get install dataset-fashion-mnist chromium chromium-driver postgresql)"; fi
 
 demo: setup
 	$(BIN)/qsched probe --steps 4 --samples 64 --out $(DEMO)
@@ -40,6 +41,9 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python scripts/bench_search.py
+
+bench-reliability: setup
+	$(BIN)/python scripts/bench_reliability.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

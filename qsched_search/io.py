@@ -20,9 +20,34 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as exc:  # name the file being written, not its temporary twin (which is removed below)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_writable(folder: str | Path, option: str = "--out") -> None:
+    """Makes `folder` and checks that a file can be created in it, before any work is done.
+
+    Args:
+        folder (`str` or `Path`): the output folder.
+        option (`str`, defaults to `"--out"`): the option that named it, for the message.
+
+    Raises:
+        `QschedError`: one line naming the folder, the reason and the fix.
+    """
+    from qsched_search.errors import QschedError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise QschedError(f"{option} {str(folder)!r} is not a writable folder ({exc.strerror or type(exc).__name__}); "
+                          "pass a folder you can write to") from None
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -6,13 +6,14 @@ import hashlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import pandas as pd
 
 from qsched_search.evaluate import Evaluation, ScheduleEvaluator
-from qsched_search.io import write_csv
+from qsched_search.io import write_csv, write_text
 from qsched_search.paths import ResultsDir
 
 logger = logging.getLogger(__name__)
@@ -60,15 +61,19 @@ class CellStore:
         self.fingerprint = fingerprint
         self.done: dict[str, dict] = {}
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
+            text, cut = self.path.read_text(), False
+            for line in text.splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
-                    continue  # a line cut by a kill: that cell runs again
+                    cut = True  # a line cut by a kill: that cell runs again
+                    continue
                 if record.get("fingerprint") == fingerprint:
                     self.done[record["cell"]] = record
             if not self.done:
                 self.path.unlink()
+            elif cut or not text.endswith("\n"):  # drop the cut line, so the next record starts a line of its own
+                write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.done.values()))
 
     def add(self, cell: Cell, evaluation: Evaluation) -> dict:
         record = {
@@ -80,9 +85,10 @@ class CellStore:
             "estimates": {k: [e.value, e.ci_low, e.ci_high, e.n] for k, e in evaluation.estimates.items()},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
+        with open(self.path, "a") as f:  # one whole line per finished cell; a kill can cut only the last one
             f.write(json.dumps(record) + "\n")
             f.flush()
+            os.fsync(f.fileno())
         self.done[cell.key] = record
         return record
 

@@ -20,6 +20,8 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from qsched_search._version import __version__
+from qsched_search.distributed import (HEARTBEAT_SECONDS, ResumingBruteForceSampler, StudyWorker, check_heartbeat,
+                                       engine_kwargs, heartbeat_kwargs, rdb_storage, waiting_params)
 from qsched_search.errors import QschedError
 from qsched_search.io import save_figure, write_csv
 from qsched_search.paths import ResultsDir
@@ -363,7 +365,8 @@ SAMPLER_FACTORIES: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
     "nsga2": _quiet(lambda seed, trials, cf=None: optuna.samplers.NSGAIISampler(
         seed=seed, population_size=int(min(50, max(8, trials // 4))), **_constraints_kwargs(cf))),
     "random": _quiet(lambda seed, trials, cf=None: optuna.samplers.RandomSampler(seed=seed)),
-    "exhaustive": _quiet(lambda seed, trials, cf=None: optuna.samplers.BruteForceSampler(seed=seed)),
+    # avoid_premature_stop: a schedule RUNNING on a worker that died is not "done"; the others wait and take it over.
+    "exhaustive": _quiet(lambda seed, trials, cf=None: ResumingBruteForceSampler(seed=seed, avoid_premature_stop=True)),
 }
 
 
@@ -392,13 +395,16 @@ def sqlite_url(path: str | Path) -> str:
     return f"sqlite:///{path}"
 
 
-def open_storage(storage: str | optuna.storages.BaseStorage | None, default: str | Path | None = None
-                 ) -> tuple[optuna.storages.BaseStorage, str, bool]:
+def open_storage(storage: str | optuna.storages.BaseStorage | None, default: str | Path | None = None,
+                 heartbeat: int = HEARTBEAT_SECONDS) -> tuple[optuna.storages.BaseStorage, str, bool]:
     """Builds the study's storage from None (SQLite file `default`), a database URL, or a storage object.
 
+    Database storages get Optuna's heartbeat (`heartbeat` seconds) and retry of a dead worker's trial, so that
+    several processes can share the study (`qsched_search.distributed`).
+
     Returns:
-        `(storage, description, single_worker)`: `single_worker` is True for SQLite and in-memory storages, where
-        a trial left RUNNING can only come from a process that was killed.
+        `(storage, description, single_worker)`: `single_worker` is True for SQLite and in-memory storages (one
+        machine); whether another live process shares the study is `distributed.StudyWorker.alone()`'s question.
     """
     if isinstance(storage, optuna.storages.BaseStorage):
         single = isinstance(storage, optuna.storages.InMemoryStorage) or "sqlite" in str(getattr(storage, "url", ""))
@@ -409,14 +415,12 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None, default: str
         storage = sqlite_url(default)
     url = str(storage)
     single = url.startswith("sqlite")
-    # SQLite: one writer, a generous lock timeout. Servers: drop dead pooled connections, keep the pool small, and
-    # let a heartbeat (far above any pause, e.g. a compile) tell a crashed worker's trial from a slow one.
-    engine_kwargs = {"connect_args": {"timeout": 60}} if single else {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2}
-    extra = {} if single else {"heartbeat_interval": 60, "grace_period": 600}
+    extra = heartbeat_kwargs(heartbeat)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **extra)
+            warnings.simplefilter("ignore", FutureWarning)
+            rdb = rdb_storage(url, engine_kwargs=engine_kwargs(url), **extra)
     except Exception as exc:  # SQLAlchemy raises ArgumentError, OperationalError, ModuleNotFoundError for drivers...
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise QschedError(f"--storage {redact(url)!r} could not be opened ({type(exc).__name__}: {reason}); pass a database "
@@ -512,7 +516,8 @@ class ScheduleSearch:
                  higher_is_better: bool, costs: CostTable, cost_model: str = "bops", budget: float = 0.5,
                  storage: str | optuna.storages.BaseStorage | None = None, study_name: str | None = None,
                  sampler: str = "auto", trials: int | None = None, seed: int = 0, fingerprint: dict | None = None,
-                 warm_start: Iterable[tuple[tuple[str, ...], str]] = (), known: Mapping[str, dict] | None = None):
+                 warm_start: Iterable[tuple[tuple[str, ...], str]] = (), known: Mapping[str, dict] | None = None,
+                 heartbeat: int = HEARTBEAT_SECONDS):
         if not 0 < budget <= 1:
             raise QschedError(f"--budget {budget:g} is outside (0, 1]; allowed: a fraction of the all-reference cost, e.g. 0.5")
         if trials is not None and trials < 0:
@@ -539,7 +544,8 @@ class ScheduleSearch:
         self.study_fingerprint = _fingerprint({"eval": self.eval_fingerprint, "choices": self.choices, "cost_model": cost_model,
                                                "costs": dict(self.level_costs), "budget": self.budget})
         self.study_name = study_name or f"qsched-{self.study_fingerprint}"
-        self.storage, self.storage_description, self.single_worker = open_storage(storage)
+        self.storage, self.storage_description, self.single_worker = open_storage(storage, heartbeat=heartbeat)
+        self.worker = StudyWorker(self.storage, isinstance(self.storage, optuna.storages.InMemoryStorage), self._usable)
         self.warm_start = list(warm_start)
         self.known = dict(known or {})
         self.distributions = {f"step_{i}": CategoricalDistribution(self.choices) for i in range(steps)}
@@ -568,11 +574,12 @@ class ScheduleSearch:
         self._stopped_because = "no new evaluations asked (--trials 0)"
         if self.trials > 0 and not self._space_done():
             self._stopped_because = ""
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), self.worker.alive():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 warnings.simplefilter("ignore", FutureWarning)
                 study.optimize(self._objective, n_trials=self.trials * 20 + len(self.warm_start) + 100,
                                catch=(TrialFailed,), callbacks=[self._after_trial], gc_after_trial=False)
+            self._cache.update(self.worker.evaluated(study))  # other workers' results, for the pick and the tables
             if not self._stopped_because:
                 self._stopped_because = "the sampler stopped (every schedule was proposed)"
         elif self._space_done():
@@ -616,6 +623,10 @@ class ScheduleSearch:
         if _HAS_SET_CONSTRAINT:
             trial.set_constraint("budget", cost - self.budget)
         record = self._cache.get(key)
+        if record is None:  # measured, or being measured, by another worker sharing the study?
+            record = self.worker.answer(study=trial.study, trial=trial, key=key)
+            if record is not None:
+                self._cache[key] = record
         if record is not None:
             self._repeats += 1
             trial.set_user_attr("source", "cache")
@@ -652,6 +663,8 @@ class ScheduleSearch:
         return (float(trial.user_attrs.get("cost", math.inf)) - self.budget,)
 
     def _after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if not self.worker.single_process:
+            self._cache.update(self.worker.evaluated(study))
         if self._on_trial is not None:
             self._on_trial(self._row(trial), self)
         if self.new_evaluations >= self.trials:
@@ -670,10 +683,10 @@ class ScheduleSearch:
     # ------------------------------------------------------------------------------------------- resume and cache
 
     def _recover(self, study: optuna.Study) -> None:
-        """Fails trials a killed run left RUNNING (single-worker storages) and queues them, and any trial that
+        """Fails trials a killed run left RUNNING (when no other worker is live) and queues them, and any trial that
         crashed before it was evaluated, again."""
         storage = study._storage
-        if self.single_worker:
+        if self.worker.alone():  # else the heartbeat finds the dead workers' trials (distributed.StudyWorker)
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 storage.set_trial_user_attr(t._trial_id, "fail_reason", _INTERRUPTED)
                 storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
@@ -683,8 +696,9 @@ class ScheduleSearch:
         for t in study.get_trials(deepcopy=False):
             if len(t.params) == self.steps:
                 latest[self._key_of_params(t.params)] = t
+        waiting = {self._key_of_params(waiting_params(t)) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
         for key, t in latest.items():
-            if t.state == TrialState.FAIL and "evaluation" not in t.user_attrs:
+            if t.state == TrialState.FAIL and "evaluation" not in t.user_attrs and key not in waiting:
                 source = t.user_attrs.get("proposed_by") or t.user_attrs.get("source") or self.sampler_name
                 study.enqueue_trial(dict(t.params), user_attrs={"source": source})
 
@@ -741,7 +755,7 @@ class ScheduleSearch:
             study.add_trials(added)
 
     def _enqueue_warm_start(self, study: optuna.Study) -> None:
-        waiting = {self._key_of_params(t.params) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+        waiting = {self._key_of_params(waiting_params(t)) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
         for levels, source in self.warm_start:
             key = schedule_key(levels)
             if key in self._cache or key in waiting or len(levels) != self.steps:
@@ -957,6 +971,8 @@ class SearchSettings:
         profile (`str`, *optional*): a latency profile CSV (`level`, `ms_per_step`).
         probe (`str`, *optional*): the probe table to warm-start from; `OUT/probe.csv` if None.
         images (`int`, defaults to 8): samples per schedule written to `OUT/images/` (0: none).
+        heartbeat (`int`, defaults to 60): seconds between the heartbeats of a running trial in a database storage;
+            a trial silent for ten of them belongs to a dead worker and is queued again.
     """
 
     budget: float = 0.5
@@ -969,6 +985,7 @@ class SearchSettings:
     profile: str | None = None
     probe: str | None = None
     images: int = IMAGE_SAMPLES
+    heartbeat: int = HEARTBEAT_SECONDS
 
     def __post_init__(self):
         if not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
@@ -985,6 +1002,7 @@ class SearchSettings:
             raise QschedError(f"--trials {self.trials} is negative; allowed: 0 or more new evaluations")
         if self.images < 0:
             raise QschedError(f"--images {self.images} is negative; allowed: 0 (none) or more samples per schedule")
+        check_heartbeat(self.heartbeat)
 
 
 @dataclass
@@ -1161,7 +1179,7 @@ def run_search(session, settings: SearchSettings, results: ResultsDir,
         higher_is_better=metric.higher_is_better, costs=costs, cost_model=settings.cost_model, budget=settings.budget,
         storage=settings.storage or sqlite_url(results.study_db), study_name=settings.study, sampler=settings.sampler,
         trials=settings.trials, seed=session.settings.seed, fingerprint=_eval_settings(described, metric, choices),
-        warm_start=warm, known=known,
+        warm_start=warm, known=known, heartbeat=settings.heartbeat,
     )
     status(f"study {search.study_name} in {search.storage_description}: sampler {search.sampler_name}, "
            f"{search.space_size} schedules, up to {search.trials} new evaluations")

@@ -63,6 +63,9 @@ def test_killed_probe_resumes_from_its_finished_cells(probed, tmp_path, monkeypa
     assert run(*FAST, "--out", str(tmp_path)).exit_code == 0
     assert len(calls) == len(lines) - 3
     assert (tmp_path / "probe.csv").read_text() == ResultsDir(probed).probe_csv.read_text()
+    # The cut line is gone and every cell is one whole line: a second kill and resume would lose nothing.
+    resumed = (tmp_path / "probe_cells.jsonl").read_text().splitlines()
+    assert len(resumed) == len(lines) and all(json.loads(line)["cell"] for line in resumed)
 
 
 def test_changed_settings_do_not_reuse_old_cells(probed, tmp_path):

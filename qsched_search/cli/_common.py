@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
@@ -14,6 +15,7 @@ from qsched_search.errors import QschedError
 
 console = Console(stderr=True)
 USER_ERROR = 2  # bad input or a missing resource; 1 is kept for "ran fine, but the gate failed"
+IO_ERROR = 74  # sysexits' EX_IOERR: a write failed (disk full...); the input was fine and the run can resume
 
 
 def fail(message: str, code: int = USER_ERROR) -> typer.Exit:
@@ -35,6 +37,10 @@ def user_errors(fn):
         except KeyboardInterrupt:
             console.print("interrupted: finished work is saved; run the same command again to resume")
             raise typer.Exit(130) from None
+        except OSError as exc:  # disk full, a folder gone or read-only mid-run: the atomic writes left no partial file
+            where = f" {str(exc.filename)!r}" if exc.filename else ""
+            raise fail(f"file system error on{where}: {exc.strerror or exc} (errno {errno.errorcode.get(exc.errno, exc.errno)}); "
+                       "free space or pass another --out, then run the same command again to resume", IO_ERROR) from None
 
     return wrapper
 

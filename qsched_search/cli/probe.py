@@ -12,6 +12,7 @@ from rich.table import Table
 from qsched_search.cli._common import (BatchOpt, DeviceOpt, DtypeOpt, MenuOpt, MetricsOpt, ModelOpt, PrecisionsOpt,
                                        PromptsOpt, ReferenceOpt, SamplesOpt, SeedOpt, StepsOpt, WeightsOpt, console,
                                        split_list, user_errors)
+from qsched_search.io import check_writable
 from qsched_search.paths import ResultsDir
 from qsched_search.probe import heatmap, probe_cells, run_probe
 from qsched_search.provenance import device_name, update_manifest
@@ -47,6 +48,7 @@ def probe(
                            device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
                            weights_dir=weights_dir or None)
     results = ResultsDir(out)
+    check_writable(results.root, "--out")
     session = open_session(settings)
     try:
         described = session.describe()

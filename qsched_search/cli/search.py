@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import time
+from dataclasses import replace
 from typing import Annotated, Optional
 
 import typer
@@ -14,6 +15,9 @@ from rich.table import Table
 from qsched_search.cli._common import (BatchOpt, DeviceOpt, DtypeOpt, MenuOpt, ModelOpt, PrecisionsOpt,
                                        PromptsOpt, ReferenceOpt, SamplesOpt, SeedOpt, StepsOpt, WeightsOpt, console,
                                        split_list, user_errors)
+from qsched_search.cli._workers import start_local_workers
+from qsched_search.errors import QschedError
+from qsched_search.io import check_writable
 from qsched_search.paths import ResultsDir
 from qsched_search.session import RunSettings, read_prompts
 
@@ -40,6 +44,7 @@ class SamplerName(str, enum.Enum):
 
 @user_errors
 def search(
+    ctx: typer.Context,
     model: ModelOpt = "embedded",
     steps: StepsOpt = 4,
     budget: Annotated[float, typer.Option("--budget", "-b", help="Cost budget: a fraction in (0, 1] of running every step at the reference level.")] = 0.5,
@@ -64,6 +69,8 @@ def search(
     menu: MenuOpt = "",
     weights_dir: WeightsOpt = "",
     out: Annotated[str, typer.Option("--out", "-o", help="Results folder (the probe's, to reuse its table).")] = "results/probe",
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Local worker processes sharing the study (each measures --trials new schedules); this one then writes the results.")] = 1,
+    heartbeat: Annotated[int, typer.Option("--heartbeat", help="Seconds between a running trial's heartbeats in the study database; a trial silent for 10 of them is a dead worker's and runs again.")] = 60,
     with_coefficients: Annotated[bool, typer.Option("--with-coefficients", help="Then calibrate Q-Sched coefficients "
                                                     "for the best Pareto schedules within the budget and measure each "
                                                     "with and without them (OUT/pareto_coefficients.csv).")] = False,
@@ -94,7 +101,8 @@ def search(
     # Checked before the model loads: bad input fails in a second, not after it.
     search_settings = SearchSettings(budget=budget, cost_model=cost.value, objective=objective or None, trials=trials,
                                      sampler=sampler.value, storage=storage or None, study=study or None,
-                                     profile=profile or None, probe=probe_table or None, images=images)
+                                     profile=profile or None, probe=probe_table or None, images=images,
+                                     heartbeat=heartbeat)
     joint = (JointSettings(loss=coefficients_loss.value, trials=coefficients_trials, samples=coefficients_samples,
                            candidates=coefficients_candidates) if with_coefficients else None)
     settings = RunSettings(model=model, steps=steps, precisions=split_list(precisions), reference=reference,
@@ -103,6 +111,12 @@ def search(
                            weights_dir=weights_dir or None)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported in trials.csv and below
     results = ResultsDir(out)
+    check_writable(results.root, "--out")
+    if workers < 1:
+        raise QschedError(f"--workers {workers} is below 1; allowed: 1 (this process) or more local processes")
+    if workers > 1:  # they measure; this process then writes the results of the whole study, measuring nothing
+        url = start_local_workers(ctx, workers, results, search_settings.storage, search_settings.probe)
+        search_settings = replace(search_settings, storage=url, trials=0)
     session = open_search_session(settings, search_settings.objective)
     try:
         columns = [TextColumn("[bold]search[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]

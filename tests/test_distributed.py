@@ -1,0 +1,134 @@
+"""Several workers on one study in a real PostgreSQL server: one is killed mid-trial, nothing is lost or run twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections import Counter
+from types import SimpleNamespace
+
+import optuna
+import pytest
+
+from tests.pg_server import PostgresServer, find_bin_dir
+from tests.reliability import SPACE, front, run_search, start_search
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found: apt-get install postgresql (make system-deps as root)")
+    server = PostgresServer(bin_dir).start()
+    yield server
+    server.stop()
+
+
+def _victim_trial(storage, study: str, pid: int) -> int | None:
+    """The number of a trial the worker `pid` is measuring right now, if any."""
+    try:
+        trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+    except KeyError:  # the study is not made yet
+        return None
+    me = f"{socket.gethostname()}:{pid}"
+    for t in trials:
+        if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("worker") == me and t.user_attrs.get("claim"):
+            return t.number
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_three_workers_on_postgres_one_killed_mid_trial(postgres, tmp_path):
+    reference = run_search("--out", str(tmp_path / "single"))
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+
+    study, url = "pg-three-workers", postgres.url
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True, "pool_size": 1})  # one per process
+    args = ["--storage", url, "--study", study, "--heartbeat", "1"]
+    workers = [start_search(*args, "--out", str(tmp_path / f"w{k}"), log=tmp_path / f"w{k}.log") for k in range(3)]
+    victim, killed = workers[0], None
+    try:
+        deadline = time.time() + 240
+        while killed is None and time.time() < deadline and victim.poll() is None:
+            killed = _victim_trial(storage, study, victim.pid)
+            if killed is None:
+                time.sleep(0.05)
+        assert killed is not None, "worker 0 never ran a trial: " + (tmp_path / "w0.log").read_text()[-2000:]
+        os.kill(victim.pid, signal.SIGKILL)
+        assert victim.wait(timeout=30) == -signal.SIGKILL
+        for k, w in enumerate(workers[1:], start=1):
+            assert w.wait(timeout=400) == 0, (tmp_path / f"w{k}.log").read_text()[-3000:]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+
+    trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+    states = Counter(t.state.name for t in trials)
+    assert states["RUNNING"] == 0 and states["WAITING"] == 0, states
+    # The killed trial was failed by the heartbeat check and retried through Optuna's callback.
+    dead = next(t for t in trials if t.number == killed)
+    assert dead.state == optuna.trial.TrialState.FAIL and "evaluation" not in dead.user_attrs
+    assert any(t.system_attrs.get("failed_trial") == killed for t in trials), "the dead worker's trial was not retried"
+    # No schedule lost, none measured twice: each of the 9 has exactly one trial that measured it.
+    measured = Counter(t.user_attrs["schedule"] for t in trials
+                       if "evaluation" in t.user_attrs and t.user_attrs.get("source") != "cache")
+    assert len(measured) == SPACE and set(measured.values()) == {1}, measured
+    assert len({t.number for t in trials}) == len(trials)
+    # Both survivors wrote the whole study's front, and it is the single worker's.
+    expected = front(tmp_path / "single" / "pareto.csv")
+    for k in (1, 2):
+        assert front(tmp_path / f"w{k}" / "pareto.csv") == expected
+
+
+_WORKER = """
+import sys
+sys.path.insert(0, {tests!r})
+import optuna
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+from test_search import FakeEvaluator, make_search
+fake = FakeEvaluator(delay=float(sys.argv[3]), log=sys.argv[2])
+make_search(fake.evaluate, steps=2, sampler=sys.argv[4], trials=int(sys.argv[5]), storage=sys.argv[1],
+            warm_start=[(("w8a8",) * 2, "uniform"), (("w4a4",) * 2, "uniform")]).run()
+"""
+
+
+@pytest.mark.parametrize("sampler, trials", [("exhaustive", 16), ("random", 8)])
+def test_workers_on_one_sqlite_study_measure_each_schedule_once(tmp_path, sampler, trials):
+    """Three processes draw from one study at once (the random sampler proposes repeats on purpose): every
+    schedule is measured by exactly one of them; the others reuse or wait for its result."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    storage, log = f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "evaluations.log"
+    script = _WORKER.format(tests=str(Path(__file__).resolve().parent))
+    procs = [subprocess.Popen([sys.executable, "-c", script, storage, str(log), "0.05", sampler, str(trials)],
+                              stderr=subprocess.PIPE) for _ in range(3)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    measured = Counter(log.read_text().splitlines())
+    assert set(measured.values()) == {1}, [k for k, v in measured.items() if v > 1]
+    if sampler == "exhaustive":
+        assert len(measured) == 16
+    study = optuna.load_study(study_name=optuna.get_all_study_summaries(storage)[0].study_name, storage=storage)
+    states = Counter(t.state.name for t in study.trials)
+    assert states["RUNNING"] == 0
+    workers = {t.user_attrs.get("worker") for t in study.trials if t.user_attrs.get("source") != "cache"}
+    assert len(workers - {None}) >= 2, "the work was not shared"
+
+
+def test_worker_command_lines_carry_flags_without_values():
+    from qsched_search.distributed import worker_argv
+
+    options = {"budget": "--budget", "with_coefficients": "--with-coefficients", "sampler": "--sampler", "out": "--out"}
+    sampler = SimpleNamespace(value="tpe")
+    params = {"budget": 0.5, "with_coefficients": True, "sampler": sampler, "out": "a", "unknown": 1}
+    assert worker_argv(params, options, {"out": "b"}) == ["--budget", "0.5", "--with-coefficients", "--sampler", "tpe", "--out", "b"]
+    assert worker_argv({**params, "with_coefficients": False}, options, {}) == ["--budget", "0.5", "--sampler", "tpe", "--out", "a"]
+    assert "--with-coefficients" not in worker_argv(params, options, {"with_coefficients": None})

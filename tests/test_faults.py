@@ -1,0 +1,44 @@
+"""The fault table (tests/faults.py): each bad input or injected fault ends as the README's fault table says."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.faults import FAULTS, run_baseline, run_fault
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    run_baseline(root / "baseline")
+    return root
+
+
+# Rows that load the model and search are a few seconds each on two cores: marked slow (make test still runs them).
+ROWS = [pytest.param(f, id=f.name, marks=[pytest.mark.slow] if f.kind in ("numeric", "interrupt") or f.resume else [])
+        for f in FAULTS]
+
+
+@pytest.mark.parametrize("fault", ROWS)
+def test_fault(fault, folders):
+    outcome = run_fault(fault, folders / fault.name.replace(" ", "-"))
+    assert outcome["exit_code"] == fault.code, outcome["output"]
+    assert not outcome["traceback"], outcome["output"]
+    if fault.message:
+        assert outcome["error_lines"] == 1 and fault.message in outcome["error_line"], outcome["output"]
+    else:
+        assert outcome["error_lines"] == 0, outcome["output"]
+    assert outcome["leftover_tmp"] == [] and outcome["half_written"] == []
+    if fault.kind == "numeric":  # the schedule is recorded as failed, with its reason, and the search went on
+        assert outcome["failed_trials"] == len(fault.failed_trials), outcome["output"]
+        assert all("unusable" in r for r in outcome["fail_reasons"]), outcome["fail_reasons"]
+        assert outcome["trials_lost"] == 0
+    if fault.resume:
+        assert outcome["resumed"] == "ok"
+        assert outcome["trials_lost"] == 0 and outcome["evaluated_twice"] == 0
+
+
+def test_every_kind_of_fault_is_in_the_table():
+    kinds = {f.kind for f in FAULTS}
+    assert kinds == {"bad-input", "corrupt-file", "numeric", "io", "interrupt"}
+    assert len({f.name for f in FAULTS}) == len(FAULTS)
