@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ import pandas as pd  # noqa: E402
 
 from qsched_search.io import write_csv, write_json, write_text  # noqa: E402
 from qsched_search.provenance import command_line, device_name, now, versions  # noqa: E402
+from tests.reliability import running_trial  # noqa: E402
 
 COLUMNS = ["run", "workers", "gpus", "schedules", "measured", "evals_per_min", "efficiency", "lost", "duplicated",
            "killed_trial", "retried", "front_equal", "span_s", "wall_s", "storage"]
@@ -154,19 +154,6 @@ def worker_env(args, index: int, gpus: int) -> dict:
     else:
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return env
-
-
-def running_trial(storage, study: str, pid: int) -> int | None:
-    """The number of the trial worker `pid` is measuring now, if any."""
-    try:
-        trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
-    except KeyError:
-        return None
-    me = f"{socket.gethostname()}:{pid}"
-    for t in trials:
-        if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("worker") == me and t.user_attrs.get("claim"):
-            return t.number
-    return None
 
 
 def run(args, k: int, gpus: int, url: str, storage, out: Path, kill: bool) -> dict:

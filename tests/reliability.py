@@ -95,3 +95,20 @@ def kill_and_rerun(folder: Path, args: list[str], kills: int, seed: int, window:
     return {"kills": events, "final_exit": final.returncode, "final_output": (final.stdout + final.stderr)[-2000:],
             "front": front(folder / "pareto.csv") if final.returncode == 0 else None, "measured": measured,
             "measured_twice": twice, "leftover_tmp": leftovers(folder), "unreadable": unreadable}
+
+
+def running_trial(storage, study: str, pid: int) -> int | None:
+    """The number of the trial that worker process `pid` is measuring right now, if any."""
+    import socket
+
+    import optuna
+
+    try:
+        trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+    except KeyError:  # the study is not made yet
+        return None
+    me = f"{socket.gethostname()}:{pid}"
+    for t in trials:
+        if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("worker") == me and t.user_attrs.get("claim"):
+            return t.number
+    return None

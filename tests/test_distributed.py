@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from collections import Counter
 from types import SimpleNamespace
@@ -13,7 +12,7 @@ import optuna
 import pytest
 
 from tests.pg_server import PostgresServer, find_bin_dir
-from tests.reliability import SPACE, front, run_search, start_search
+from tests.reliability import SPACE, front, run_search, running_trial, start_search
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -26,19 +25,6 @@ def postgres():
     server = PostgresServer(bin_dir).start()
     yield server
     server.stop()
-
-
-def _victim_trial(storage, study: str, pid: int) -> int | None:
-    """The number of a trial the worker `pid` is measuring right now, if any."""
-    try:
-        trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
-    except KeyError:  # the study is not made yet
-        return None
-    me = f"{socket.gethostname()}:{pid}"
-    for t in trials:
-        if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("worker") == me and t.user_attrs.get("claim"):
-            return t.number
-    return None
 
 
 @pytest.mark.slow
@@ -55,7 +41,7 @@ def test_three_workers_on_postgres_one_killed_mid_trial(postgres, tmp_path):
     try:
         deadline = time.time() + 240
         while killed is None and time.time() < deadline and victim.poll() is None:
-            killed = _victim_trial(storage, study, victim.pid)
+            killed = running_trial(storage, study, victim.pid)
             if killed is None:
                 time.sleep(0.05)
         assert killed is not None, "worker 0 never ran a trial: " + (tmp_path / "w0.log").read_text()[-2000:]
