@@ -134,35 +134,52 @@ class StudyWorker:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def answer(self, study: optuna.Study, trial: optuna.Trial, key: str) -> dict | None:
-        """The stored evaluation of schedule `key` if a finished trial of any worker has one; waits while an earlier
-        RUNNING trial of another worker measures the same schedule. None: this trial should measure it.
+        """The stored evaluation of schedule `key` if a finished trial of any worker has one; waits while another
+        RUNNING trial measures the same schedule. None: this trial should measure it.
 
-        The claim is the trial's `claim` user attribute; of two trials claiming one schedule the lower number
-        measures and the other waits, so no schedule is measured twice even when both start at once. A claimant
-        that dies is failed by Optuna's stale-trial check after the grace period, and the waiter takes over.
+        Two steps, so that no schedule is measured twice even when two workers start it at once: a trial records
+        its `claim` on the schedule, and measures only if no RUNNING trial of the same claim is measuring or has a
+        lower number; it then sets `measuring` and looks once more, backing off (and waiting) if a lower-numbered
+        claimant appeared meanwhile. The lowest claimant never backs off, so one always measures; a claimant that
+        dies is failed by Optuna's stale-trial check after the grace period, and a waiter takes over.
         """
         if self.single_process:
             return None
         trial.set_user_attr("claim", key)
         trial.set_user_attr("worker", self.id)
-        states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)
         while True:
-            ahead = False
-            for t in study._storage.get_all_trials(study._study_id, deepcopy=False, states=states):
-                attrs = t.user_attrs
-                if attrs.get("schedule") != key and attrs.get("claim") != key:
-                    continue
-                record = attrs.get("evaluation")
-                if t.state.is_finished() and record is not None and self.usable(record):
+            record, lower, measuring = self._others(study, trial, key)
+            if record is not None:
+                return record
+            if not lower and not measuring:
+                trial.set_user_attr("measuring", True)
+                record, lower, _ = self._others(study, trial, key)
+                if record is None and not lower:
+                    return None
+                trial.set_user_attr("measuring", False)
+                if record is not None:
                     return record
-                if t.state == TrialState.RUNNING and t.number < trial.number and attrs.get("claim") == key:
-                    ahead = True
-            if not ahead:
-                return None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)
             time.sleep(POLL_SECONDS)
+
+    def _others(self, study: optuna.Study, trial: optuna.Trial, key: str) -> tuple[dict | None, bool, bool]:
+        """(a finished trial's usable evaluation of `key`, whether a lower-numbered RUNNING trial claims `key`,
+        whether another RUNNING trial is measuring `key`)."""
+        lower = measuring = False
+        states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)
+        for t in study._storage.get_all_trials(study._study_id, deepcopy=False, states=states):
+            attrs = t.user_attrs
+            if t.number == trial.number or (attrs.get("schedule") != key and attrs.get("claim") != key):
+                continue
+            record = attrs.get("evaluation")
+            if t.state.is_finished() and record is not None and self.usable(record):
+                return record, False, False
+            if t.state == TrialState.RUNNING and attrs.get("claim") == key:
+                lower = lower or t.number < trial.number
+                measuring = measuring or bool(attrs.get("measuring"))
+        return None, lower, measuring
 
     def evaluated(self, study: optuna.Study) -> dict[str, dict]:
         """Schedule key -> evaluation record of every finished trial in the study (all workers')."""
