@@ -669,7 +669,9 @@ class ScheduleSearch:
             self._on_trial(self._row(trial), self)
         if self.new_evaluations >= self.trials:
             self._stopped_because = f"{self.new_evaluations} new evaluations done (--trials {self.trials})"
-        elif self._space_done():
+        elif self._space_done() and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            # A queued trial (a dead worker's, retried) is answered from the cache at once; stopping before it
+            # would leave it queued in the study.
             self._stopped_because = f"all {self.space_size} schedules are evaluated"
         elif self._repeats >= MAX_REPEATS:
             self._stopped_because = (f"the sampler proposed only evaluated schedules {MAX_REPEATS} times in a row "
