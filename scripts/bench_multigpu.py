@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -196,6 +197,14 @@ def run(args, k: int, gpus: int, url: str, storage, out: Path, kill: bool) -> di
     keys = [t.user_attrs["schedule"] for t in measuring]
     span = (max(t.datetime_complete for t in measuring) - min(t.datetime_start for t in measuring)).total_seconds()
     space = (len(args.precisions.split(",")) + 1) ** args.steps
+    if killed is not None:
+        # The trial seen running may have finished in the moment before the signal: the killed one is the victim's
+        # trial that never completed (None if the signal fell between two of its trials).
+        victim = f"{socket.gethostname()}:{procs[0].pid}"
+        cut = [t.number for t in trials if t.user_attrs.get("worker") == victim and t.state != optuna.trial.TrialState.COMPLETE]
+        # A trial killed before it recorded its worker: the only dead worker's, if the heartbeat check retried it.
+        cut = cut or sorted({t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs})
+        killed = cut[0] if cut else None
     retried = killed is not None and any(t.system_attrs.get("failed_trial") == killed for t in trials)
     return {"workers": k, "gpus": min(k, gpus) if args.device.startswith("cuda") else 0, "schedules": space,
             "measured": len(set(keys)), "evals_per_min": len(keys) / span * 60 if span > 0 else float("nan"),

@@ -17,7 +17,7 @@ from tests.reliability import REPO, env
 def test_two_workers_and_a_killed_one_lose_nothing_and_keep_the_front(tmp_path):
     out = tmp_path / "mg"
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_multigpu.py"), "--device", "cpu",
-                             "--workers", "1,2", "--samples", "6", "--kill-after", "1", "--out", str(out)],
+                             "--workers", "1,2", "--samples", "16", "--kill-after", "1", "--out", str(out)],
                             env=env(), capture_output=True, text=True, timeout=880)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     frame = pd.read_csv(out / "scaling.csv")
