@@ -118,3 +118,38 @@ def test_worker_command_lines_carry_flags_without_values():
     assert worker_argv(params, options, {"out": "b"}) == ["--budget", "0.5", "--with-coefficients", "--sampler", "tpe", "--out", "b"]
     assert worker_argv({**params, "with_coefficients": False}, options, {}) == ["--budget", "0.5", "--sampler", "tpe", "--out", "a"]
     assert "--with-coefficients" not in worker_argv(params, options, {"with_coefficients": None})
+
+
+_POPPER = """
+import sys
+import optuna
+from qsched_search.search import open_storage
+storage, _, _ = open_storage(sys.argv[1])
+study = optuna.load_study(study_name="queue", storage=storage)
+popped = []
+while (trial_id := study._pop_waiting_trial_id()) is not None:
+    popped.append(str(trial_id))
+print(" ".join(popped))
+"""
+
+
+def test_a_queued_trial_on_sqlite_is_popped_by_one_process_only(tmp_path):
+    """SQLite ignores Optuna's `SELECT ... FOR UPDATE`; the storage's transactions must make the pop atomic, or two
+    workers run one enqueued schedule twice."""
+    import subprocess
+    import sys
+
+    from qsched_search.search import open_storage
+
+    url = f"sqlite:///{tmp_path / 'queue.db'}"
+    study = optuna.create_study(study_name="queue", storage=open_storage(url)[0])
+    for x in range(60):
+        study.enqueue_trial({"x": x})
+    procs = [subprocess.Popen([sys.executable, "-c", _POPPER, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    popped = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        popped += out.split()
+    assert len(popped) == 60 and len(set(popped)) == 60, Counter(popped).most_common(3)
