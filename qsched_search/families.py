@@ -126,5 +126,5 @@ def detect_family(pipe, model_id: str | None = None) -> Family:
             best, best_rank = family, rank
     if best is None:
         raise QschedError(f"no model family lists pipeline class {cls!r} (scheduler {scheduler}); add it to a file in "
-                          "configs/families/ (pipeline_classes) or pass --family")
+                          "configs/families/ (pipeline_classes), or pass --family NAME (one of those files)")
     return best

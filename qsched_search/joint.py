@@ -18,12 +18,13 @@ import pandas as pd
 
 from qsched_search.calibrate import CalibrationSettings, build_objective, calibrate
 from qsched_search.coefficients import apply_coefficients
+from qsched_search.compare import better
 from qsched_search.errors import QschedError
 from qsched_search.io import write_csv
 from qsched_search.paths import ResultsDir
 from qsched_search.schedule import BUDGET_EPS, Quality, Schedule, save_schedule
 
-__all__ = ["COEFFICIENT_LOSSES", "JointSettings", "JointResult", "better", "calibrate_front"]
+__all__ = ["COEFFICIENT_LOSSES", "JointSettings", "JointResult", "calibrate_front"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +75,6 @@ class JointResult:
     front: pd.DataFrame
     schedule: Schedule
     applied: bool
-
-
-def better(a: float, b: float, higher_is_better: bool) -> bool:
-    """Whether value `a` is strictly better than `b`."""
-    return a > b if higher_is_better else a < b
 
 
 def _candidates(front: pd.DataFrame, budget: float, reference: str, higher_is_better: bool, n: int) -> pd.DataFrame:

@@ -7,7 +7,6 @@ import logging
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from qsched_search.errors import QschedError
+from qsched_search.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -193,14 +193,8 @@ def write_csv(rows: list[dict], path: str | Path, columns: Sequence[str] | None 
     if columns:
         ordered = [c for c in columns if c in frame.columns] + [c for c in frame.columns if c not in columns]
         frame = frame[ordered]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

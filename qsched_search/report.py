@@ -17,6 +17,7 @@ import pandas as pd
 
 from qsched_search import io
 from qsched_search._version import __version__
+from qsched_search.compare import better
 from qsched_search.errors import QschedError
 from qsched_search.paths import ResultsDir
 
@@ -440,16 +441,12 @@ def _uniform_points(trials: pd.DataFrame, metric: str | None, steps: int | None)
     return sorted(points.values(), key=lambda p: (p.cost, p.level))
 
 
-def _better(a: float, b: float, higher_is_better: bool) -> bool:
-    return a > b if higher_is_better else a < b
-
-
 def _pareto_front(points: pd.DataFrame, higher_is_better: bool) -> pd.DataFrame:
     """The non-dominated rows over (lower cost, better value)."""
     ordered = points.sort_values(["cost", "value"], ascending=[True, not higher_is_better])
     keep, best = [], None
     for idx, row in ordered.iterrows():
-        if best is None or _better(row["value"], best, higher_is_better):
+        if best is None or better(row["value"], best, higher_is_better):
             keep.append(idx)
             best = row["value"]
     return ordered.loc[keep]
@@ -933,7 +930,7 @@ def _headline_facts(report: Report) -> list[tuple[str, str, str]]:
     if bu is not None:
         value = _float(q.get("value"))
         diff = value - bu.value
-        verdict = "better" if _better(value, bu.value, hib) else ("equal" if diff == 0 else "worse")
+        verdict = "better" if better(value, bu.value, hib) else ("equal" if diff == 0 else "worse")
         overlap = ""
         if not any(math.isnan(x) for x in (_float(q.get("ci_low")), _float(q.get("ci_high")), bu.ci_low, bu.ci_high)):
             disjoint = _float(q["ci_high"]) < bu.ci_low or bu.ci_high < _float(q["ci_low"])
@@ -1548,7 +1545,7 @@ def render_json(report: Report) -> dict:
         comparison = {
             **bu.__dict__,
             "difference": value - bu.value,
-            "schedule_is_better": _better(value, bu.value, report.higher_is_better),
+            "schedule_is_better": better(value, bu.value, report.higher_is_better),
         }
     summary = {
         "schema_version": JSON_SCHEMA_VERSION,

@@ -28,6 +28,7 @@ class RunSettings:
         seed (`int`): sample k uses seed + k.
         prompts (`tuple[str]`): cycled over the samples; the family's default prompts if empty.
         metrics (`tuple[str]`): the family's default metrics if empty.
+        family (`str`, *optional*): a file in configs/families; detected from the pipeline if None.
     """
 
     model: str = "embedded"
@@ -44,6 +45,7 @@ class RunSettings:
     menu: str | None = None
     weights_dir: str | None = None
     call_kwargs: dict = field(default_factory=dict)
+    family: str | None = None
 
     def __post_init__(self):
         if self.steps < 1:
@@ -97,7 +99,7 @@ def open_session(settings: RunSettings, keep_images: bool = False, metrics: bool
 
         for name in settings.metrics:  # fail on a typo before the model loads
             get_metric_class(name)
-    model = load_model(settings.model, device=settings.device, dtype=settings.dtype)
+    model = load_model(settings.model, device=settings.device, dtype=settings.dtype, family=settings.family)
     metric_names = list(settings.metrics or model.family.metrics)
     metric_objs = []
     if metrics:

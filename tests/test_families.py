@@ -216,3 +216,24 @@ def test_apply_schedule_on_flux_picks_levels_by_unscaled_timestep(family_folders
             model.pipe(["bag"], generator=torch.Generator().manual_seed(0), **{**call, "num_inference_steps": 2})
         finally:
             applied.remove()
+
+
+def test_commands_take_the_family_by_name(tiny_sd_folder, tmp_path):
+    """--family overrides detection on every command that loads a model; an unknown name is a one-line error."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from qsched_search.cli.app import app
+
+    args = ["probe", "--model", str(tiny_sd_folder), "--steps", "1", "--samples", "2", "--batch-size", "2",
+            "--precisions", "w8a8", "--metrics", "psnr", "--prompts", "a shoe"]
+    result = CliRunner().invoke(app, [*args, "--family", "sd-turbo", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert json.dumps(manifest).count('"family": "sd-turbo"') >= 1
+    result = CliRunner().invoke(app, [*args, "--family", "nosuch", "--out", str(tmp_path / "q")])
+    assert result.exit_code == 2 and "unknown model family 'nosuch'" in result.output
+    assert not (tmp_path / "q" / "probe.csv").exists()
+    for command in ("search", "generate", "calibrate"):
+        assert "--family" in CliRunner().invoke(app, [command, "--help"]).output

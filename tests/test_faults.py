@@ -42,3 +42,35 @@ def test_every_kind_of_fault_is_in_the_table():
     kinds = {f.kind for f in FAULTS}
     assert kinds == {"bad-input", "corrupt-file", "numeric", "io", "interrupt"}
     assert len({f.name for f in FAULTS}) == len(FAULTS)
+
+
+_KILLED_WRITER = """
+import sys, time
+from qsched_search.io import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_text("half")
+    print(tmp, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_temporary_left_by_a_killed_write_is_cleared_by_the_next_run(tmp_path):
+    """SIGKILL in mid-write leaves only a temporary beside the results; the next command's output check removes
+    it, and keeps the temporary of a write still in progress."""
+    import subprocess
+    import sys
+
+    from qsched_search.io import atomic_path, check_writable
+
+    writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path / "images" / "00.png")],
+                              stdout=subprocess.PIPE, text=True)
+    left = writer.stdout.readline().strip()
+    writer.kill()
+    writer.wait(timeout=30)
+    assert left.endswith(".tmp") and (tmp_path / "images" / left.rsplit("/", 1)[-1]).exists()
+    assert not (tmp_path / "images" / "00.png").exists()
+    with atomic_path(tmp_path / "trials.csv") as live:
+        live.write_text("in progress")
+        check_writable(tmp_path)
+        assert live.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["images", "trials.csv"]

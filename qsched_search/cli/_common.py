@@ -50,6 +50,7 @@ def split_list(value: str | None) -> tuple[str, ...]:
 
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'embedded' (the shipped Fashion-MNIST LCM), a local diffusers pipeline folder, or a hub id.")]
+FamilyOpt = Annotated[str, typer.Option("--family", help="Model family (a file in configs/families, e.g. sdxl-turbo); detected from the pipeline if omitted.")]
 StepsOpt = Annotated[int, typer.Option("--steps", "-s", help="Denoising steps.")]
 PrecisionsOpt = Annotated[str, typer.Option("--precisions", "-p", help="Comma-separated lower levels from the menu (see `qsched precisions`).")]
 ReferenceOpt = Annotated[str, typer.Option("--reference", help="The pipeline's own level, that every delta is measured against.")]

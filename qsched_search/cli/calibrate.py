@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from qsched_search.cli._common import (BatchOpt, DeviceOpt, DtypeOpt, MenuOpt, ModelOpt, PromptsOpt, ReferenceOpt,
+from qsched_search.cli._common import (BatchOpt, DeviceOpt, DtypeOpt, FamilyOpt, MenuOpt, ModelOpt, PromptsOpt, ReferenceOpt,
                                        WeightsOpt, console, user_errors)
 from qsched_search.errors import QschedError
 
@@ -35,6 +35,7 @@ class Sampler(str, Enum):
 @user_errors
 def calibrate(
     model: ModelOpt = "",
+    family: FamilyOpt = "",
     steps: Annotated[int, typer.Option("--steps", "-s", help="Denoising steps; the schedule's if --schedule is given.")] = 0,
     precision: Annotated[str, typer.Option("--precision", help="Run every step at this level (uniform quantization).")] = "",
     schedule: Annotated[str, typer.Option("--schedule", help="A schedule.json (from `qsched search`) to calibrate.")] = "",
@@ -106,7 +107,7 @@ def calibrate(
                            precisions=tuple(sorted(set(levels) - {reference})), reference=reference, samples=64,
                            prompts=pool_given,
                            seed=seed, device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
-                           weights_dir=weights_dir or None)
+                           weights_dir=weights_dir or None, family=family or None)
     session = open_session(settings, metrics=False, menu=loaded.menu() if loaded else None)
     try:
         pool = list(pool_given or session.model.family.default_prompts)

@@ -8,7 +8,7 @@ from typing import Annotated
 import pandas as pd
 import typer
 
-from qsched_search.cli._common import BatchOpt, DeviceOpt, DtypeOpt, PromptsOpt, WeightsOpt, console, user_errors
+from qsched_search.cli._common import BatchOpt, DeviceOpt, DtypeOpt, FamilyOpt, PromptsOpt, WeightsOpt, console, user_errors
 from qsched_search.coefficients import apply_coefficients
 from qsched_search.images import save_png
 from qsched_search.io import write_csv
@@ -20,6 +20,7 @@ from qsched_search.session import RunSettings, open_session, read_prompts
 def generate(
     schedule: Annotated[Path, typer.Option("--schedule", help="A schedule.json written by `qsched search`.")],
     model: Annotated[str, typer.Option("--model", "-m", help="The pipeline; the schedule's own model id if omitted.")] = "",
+    family: FamilyOpt = "",
     prompts: PromptsOpt = "",
     samples: Annotated[int, typer.Option("--samples", "-n", help="Images to make (prompts cycle; image k uses seed+k).")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="Base seed; the schedule's search seed if omitted.")] = -1,
@@ -44,7 +45,7 @@ def generate(
                            reference=loaded.reference, samples=samples,
                            seed=seed if seed >= 0 else int(loaded.provenance.get("seed", 0)),
                            prompts=read_prompts(prompts), device=device, dtype=dtype, batch_size=batch_size,
-                           weights_dir=weights_dir or None)
+                           weights_dir=weights_dir or None, family=family or None)
     session = open_session(settings, metrics=False, menu=menu)
     try:
         if session.model.weights_sha256() != loaded.weights_sha256:

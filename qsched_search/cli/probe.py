@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qsched_search.cli._common import (BatchOpt, DeviceOpt, DtypeOpt, MenuOpt, MetricsOpt, ModelOpt, PrecisionsOpt,
+from qsched_search.cli._common import (BatchOpt, DeviceOpt, DtypeOpt, FamilyOpt, MenuOpt, MetricsOpt, ModelOpt, PrecisionsOpt,
                                        PromptsOpt, ReferenceOpt, SamplesOpt, SeedOpt, StepsOpt, WeightsOpt, console,
                                        split_list, user_errors)
 from qsched_search.io import check_writable
@@ -22,6 +22,7 @@ from qsched_search.session import RunSettings, open_session, read_prompts
 @user_errors
 def probe(
     model: ModelOpt = "embedded",
+    family: FamilyOpt = "",
     steps: StepsOpt = 4,
     precisions: PrecisionsOpt = "w8a8,w4a8,w4a4",
     reference: ReferenceOpt = "fp32",
@@ -46,7 +47,7 @@ def probe(
     settings = RunSettings(model=model, steps=steps, precisions=split_list(precisions), reference=reference,
                            samples=samples, seed=seed, prompts=read_prompts(prompts), metrics=split_list(metrics),
                            device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
-                           weights_dir=weights_dir or None)
+                           weights_dir=weights_dir or None, family=family or None)
     results = ResultsDir(out)
     check_writable(results.root, "--out")
     session = open_session(settings)

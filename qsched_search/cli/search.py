@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qsched_search.cli._common import (BatchOpt, DeviceOpt, DtypeOpt, MenuOpt, ModelOpt, PrecisionsOpt,
+from qsched_search.cli._common import (BatchOpt, DeviceOpt, DtypeOpt, FamilyOpt, MenuOpt, ModelOpt, PrecisionsOpt,
                                        PromptsOpt, ReferenceOpt, SamplesOpt, SeedOpt, StepsOpt, WeightsOpt, console,
                                        split_list, user_errors)
 from qsched_search.cli._workers import start_local_workers
@@ -46,6 +46,7 @@ class SamplerName(str, enum.Enum):
 def search(
     ctx: typer.Context,
     model: ModelOpt = "embedded",
+    family: FamilyOpt = "",
     steps: StepsOpt = 4,
     budget: Annotated[float, typer.Option("--budget", "-b", help="Cost budget: a fraction in (0, 1] of running every step at the reference level.")] = 0.5,
     precisions: PrecisionsOpt = "w8a8,w4a8,w4a4",
@@ -108,7 +109,7 @@ def search(
     settings = RunSettings(model=model, steps=steps, precisions=split_list(precisions), reference=reference,
                            samples=samples, seed=seed, prompts=read_prompts(prompts), metrics=split_list(metrics),
                            device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
-                           weights_dir=weights_dir or None)
+                           weights_dir=weights_dir or None, family=family or None)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported in trials.csv and below
     results = ResultsDir(out)
     check_writable(results.root, "--out")
