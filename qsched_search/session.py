@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from qsched_search.bank import PrecisionBank
 from qsched_search.errors import QschedError
-from qsched_search.evaluate import ScheduleEvaluator
-from qsched_search.models import LoadedModel, load_model
-from qsched_search.precisions import Menu, load_menu
-from qsched_search.rollout import EvalSet, Runner, make_eval_set
+from qsched_search.eval.evaluate import ScheduleEvaluator
+from qsched_search.pipeline.loading import LoadedModel, load_model
+from qsched_search.pipeline.rollout import EvalSet, Runner, capture_denoiser_call, make_eval_set
+from qsched_search.quant.backends import build_bank, check_levels, resolve_backend
+from qsched_search.quant.bank import COMPILE_MODES, Bank
+from qsched_search.quant.levels import Menu, load_menu
+
+__all__ = ["RunSettings", "Session", "open_session", "read_prompts"]
 
 
 @dataclass(frozen=True)
 class RunSettings:
-    """The settings shared by probe, search and generate. Everything here decides the numbers a run produces.
+    """The settings shared by probe, search, calibrate and generate. Everything here decides the numbers a run produces.
 
     Args:
         model (`str`): "embedded", a local pipeline folder or a hub id.
@@ -28,6 +31,12 @@ class RunSettings:
         seed (`int`): sample k uses seed + k.
         prompts (`tuple[str]`): cycled over the samples; the family's default prompts if empty.
         metrics (`tuple[str]`): the family's default metrics if empty.
+        device (`str`), dtype (`str`): where and in which dtype the pipeline runs.
+        backend (`str`, defaults to `"auto"`): `sim` (simulated rounding), `torchao` (real kernels, CUDA) or `auto`
+            (torchao on a CUDA device, sim elsewhere).
+        compile (`str`, *optional*): the real-kernel bank's compile scope; it also decides which layers a level
+            quantizes in the simulation. The model's repeated blocks if it declares them, else the whole model.
+        cuda_graphs (`bool`, defaults to False): replay each level as one CUDA graph (torchao backend).
         family (`str`, *optional*): a file in configs/families; detected from the pipeline if None.
     """
 
@@ -46,6 +55,9 @@ class RunSettings:
     weights_dir: str | None = None
     call_kwargs: dict = field(default_factory=dict)
     family: str | None = None
+    backend: str = "auto"
+    compile: str | None = None
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         if self.steps < 1:
@@ -54,6 +66,9 @@ class RunSettings:
             raise QschedError(f"--samples must be at least 1, got {self.samples}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise QschedError(f"--device {self.device} asked for, but no CUDA device is visible; use --device cpu")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise QschedError(f"--compile {self.compile!r} is not one of {', '.join(COMPILE_MODES)}")
+        object.__setattr__(self, "backend", resolve_backend(self.backend, self.device))
 
 
 @dataclass
@@ -61,11 +76,12 @@ class Session:
     settings: RunSettings
     model: LoadedModel
     menu: Menu
-    bank: PrecisionBank
+    bank: Bank
     eval_set: EvalSet
     runner: Runner
     evaluator: ScheduleEvaluator
     metric_names: list[str]
+    calibration: tuple = ((), {})  # the recorded denoiser call (args, kwargs): shapes for latency and profiles
 
     def describe(self) -> dict:
         """Settings and derived facts for manifests and fingerprints."""
@@ -78,24 +94,32 @@ class Session:
             "metrics": self.metric_names,
             "levels": {name: self.menu.to_dict()["levels"][name] for name in self.bank.levels},
             "exclude": list(self.model.family.exclude) + list(self.menu.extra_exclude),
+            "execution": self.bank.describe(),
         }
 
     def close(self) -> None:
         self.bank.remove()
 
 
-def open_session(settings: RunSettings, keep_images: bool = False, metrics: bool = True, menu: Menu | None = None) -> Session:
-    """Loads the model and builds the bank and metrics; validates names before any heavy work.
+def open_session(settings: RunSettings, keep_images: bool = False, metrics: bool = True, menu: Menu | None = None,
+                 layers: dict | None = None) -> Session:
+    """Loads the model, records one denoiser call, builds the bank and the metrics; checks names before heavy work.
 
-    `menu` overrides `settings.menu` (a schedule file carries the menu it was searched with).
+    Args:
+        settings (`RunSettings`): what to run.
+        keep_images (`bool`, defaults to False): keep each evaluation's images.
+        metrics (`bool`, defaults to True): build the metrics (False for generate and profile).
+        menu (`Menu`, *optional*): overrides `settings.menu` (a schedule file carries the menu it was searched with).
+        layers (`dict`, *optional*): level -> module names, as a schedule recorded them (see `Bank`).
     """
     menu = menu or load_menu(settings.menu)
-    for name in (settings.reference, *settings.precisions):
-        menu[name]
+    levels = list(dict.fromkeys([settings.reference, *settings.precisions]))
+    menu.select(levels)
     if not menu[settings.reference].is_reference:
         raise QschedError(f"--reference {settings.reference!r} is not a reference level (format 'reference') in {menu.source}")
+    check_levels(settings.backend, menu, levels, settings.dtype)
     if metrics and settings.metrics:
-        from qsched_search.metrics import get_metric_class
+        from qsched_search.eval.metrics import get_metric_class
 
         for name in settings.metrics:  # fail on a typo before the model loads
             get_metric_class(name)
@@ -103,15 +127,22 @@ def open_session(settings: RunSettings, keep_images: bool = False, metrics: bool
     metric_names = list(settings.metrics or model.family.metrics)
     metric_objs = []
     if metrics:
-        from qsched_search.metrics import build_metrics
+        from qsched_search.eval.metrics import build_metrics
 
         metric_objs = build_metrics(metric_names, device=settings.device, weights_dir=settings.weights_dir)
     prompts = list(settings.prompts or model.family.default_prompts)
     eval_set = make_eval_set(prompts, settings.samples, settings.seed)
-    bank = PrecisionBank(model.denoiser, menu, list(settings.precisions), settings.reference, list(model.family.exclude))
+    call_kwargs = {**model.family.call_defaults, **settings.call_kwargs}
+    batch = list(eval_set.prompts[: settings.batch_size])
+    # One call at the evaluation's batch size: its row counts decide which layers activation-quantizing levels take.
+    calibration = capture_denoiser_call(model.pipe, model.denoiser, {**call_kwargs, "prompt": batch,
+                                                                     "num_inference_steps": settings.steps})
+    bank = build_bank(settings.backend, model.denoiser, menu, levels[1:], settings.reference, list(model.family.exclude),
+                      calibration=calibration, compile=settings.compile, cuda_graphs=settings.cuda_graphs, layers=layers)
     runner = Runner(model, bank, settings.steps, eval_set, settings.batch_size, settings.call_kwargs)
     evaluator = ScheduleEvaluator(runner, metric_objs, keep_images=keep_images)
-    return Session(settings, model, menu, bank, eval_set, runner, evaluator, metric_names)
+    return Session(replace(settings, compile=bank.compile), model, menu, bank, eval_set, runner, evaluator, metric_names,
+                   calibration)
 
 
 def read_prompts(value: str | None) -> tuple[str, ...]:

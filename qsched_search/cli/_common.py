@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import enum
 import errno
 import functools
-import logging
-import sys
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
 from qsched_search.errors import QschedError
+from qsched_search.logs import quiet_libraries
 
 console = Console(stderr=True)
 USER_ERROR = 2  # bad input or a missing resource; 1 is kept for "ran fine, but the gate failed"
@@ -28,8 +28,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        logging.getLogger("diffusers").setLevel(logging.ERROR)
-        logging.getLogger("transformers").setLevel(logging.ERROR)
+        quiet_libraries(verbose=bool(kwargs.pop("verbose", False)))
         try:
             return fn(*args, **kwargs)
         except QschedError as exc:
@@ -62,10 +61,20 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda[:N]; nothi
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="The pipeline's own dtype: float32, bfloat16 or float16.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per pipeline call.")]
 MenuOpt = Annotated[str, typer.Option("--menu", help="Precision menu YAML; configs/precisions.yaml if omitted.")]
+class BackendChoice(str, enum.Enum):
+    auto = "auto"
+    sim = "sim"
+    torchao = "torchao"
+
+
+class CompileChoice(str, enum.Enum):
+    full = "full"
+    regional = "regional"
+    none = "none"
+
+
+BackendOpt = Annotated[BackendChoice, typer.Option("--backend", help="sim: simulated rounding (any device); torchao: real kernels (CUDA); auto: torchao on a CUDA device, else sim.")]
+CompileOpt = Annotated[Optional[CompileChoice], typer.Option("--compile", help="The real-kernel bank's torch.compile scope (it also decides which layers quantize, in both backends); the model's repeated blocks if it declares them, else the whole model.", show_default=False)]
+CudaGraphsOpt = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay each level as one captured CUDA graph (--backend torchao): no host overhead per step.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show library warnings and debug logs.")]
 WeightsOpt = Annotated[str, typer.Option("--weights-dir", envvar="QSCHED_WEIGHTS_DIR", help="Folder of metric weights (see `qsched weights`).")]
-
-
-def ensure_tty_safe() -> None:
-    # Rich progress bars write to stderr; on a non-terminal they fall back to plain lines.
-    if not sys.stderr.isatty():
-        console.soft_wrap = True

@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from enum import Enum
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from qsched_search.cli._common import (BatchOpt, DeviceOpt, DtypeOpt, FamilyOpt, MenuOpt, ModelOpt, PromptsOpt, ReferenceOpt,
-                                       WeightsOpt, console, user_errors)
+from qsched_search.cli._common import (BackendChoice, BackendOpt, BatchOpt, CompileOpt, CudaGraphsOpt, DeviceOpt, DtypeOpt,
+                                       FamilyOpt, MenuOpt, ModelOpt, PromptsOpt, ReferenceOpt, VerboseOpt, WeightsOpt,
+                                       console, user_errors)
 from qsched_search.errors import QschedError
 
 
@@ -64,19 +64,23 @@ def calibrate(
     batch_size: BatchOpt = 64,
     menu: MenuOpt = "",
     weights_dir: WeightsOpt = "",
+    backend: BackendOpt = BackendChoice.auto,
+    compile: CompileOpt = None,
+    cuda_graphs: CudaGraphsOpt = False,
     out: Annotated[str, typer.Option("--out", "-o", help="Results folder.")] = "results/calibrate",
+    verbose: VerboseOpt = False,
 ):
     """Learn per-step coefficients that rescale the denoiser output and the sample before each scheduler step.
 
     Writes OUT/coefficients.json (the `coefficients` section), OUT/schedule.json (the schedule with that section:
     `qsched generate --schedule OUT/schedule.json` applies both), OUT/calibration_trials.csv and OUT/manifest.json.
     """
-    from qsched_search.calibrate import (COEFFICIENTS_FILE, TRIALS_FILE, CalibrationSettings, build_objective,
-                                         calibrate as run_calibration, schedule_with_coefficients)
-    from qsched_search.io import write_csv, write_json
-    from qsched_search.paths import ResultsDir
-    from qsched_search.provenance import device_name, update_manifest
-    from qsched_search.schedule import load_schedule, save_schedule
+    from qsched_search.results.io import write_csv, write_json
+    from qsched_search.results.layout import ResultsDir
+    from qsched_search.results.provenance import device_name, update_manifest
+    from qsched_search.results.schedule import load_schedule, save_schedule
+    from qsched_search.search.calibrate import (CalibrationSettings, build_objective, calibrate as run_calibration,
+                                                schedule_with_coefficients)
     from qsched_search.session import RunSettings, open_session, read_prompts
 
     started = time.time()
@@ -107,8 +111,13 @@ def calibrate(
                            precisions=tuple(sorted(set(levels) - {reference})), reference=reference, samples=64,
                            prompts=pool_given,
                            seed=seed, device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
-                           weights_dir=weights_dir or None, family=family or None)
-    session = open_session(settings, metrics=False, menu=loaded.menu() if loaded else None)
+                           weights_dir=weights_dir or None, family=family or None, backend=backend.value,
+                           compile=compile.value if compile else (loaded.execution.get("compile") if loaded else None),
+                           cuda_graphs=cuda_graphs)
+    layers = None
+    if loaded is not None:
+        layers = {lv: loaded.quantized_layers(lv) for lv in set(levels) if loaded.quantized_layers(lv) is not None} or None
+    session = open_session(settings, metrics=False, menu=loaded.menu() if loaded else None, layers=layers)
     try:
         pool = list(pool_given or session.model.family.default_prompts)
         if not pool:
@@ -129,8 +138,8 @@ def calibrate(
                 session.runner, levels, calib, objective, eval_seeds=session.eval_set.seeds,
                 on_trial=lambda row: progress.update(task, advance=1, description=f"best {row['best_so_far']:.4f}"))
         results = ResultsDir(out)
-        write_json(Path(out) / COEFFICIENTS_FILE, result.coefficients.to_dict())
-        write_csv(Path(out) / TRIALS_FILE, result.trials)
+        write_json(results.coefficients, result.coefficients.to_dict())
+        write_csv(results.calibration_trials_csv, result.trials)
         sched = schedule_with_coefficients(result, session, loaded)
         save_schedule(sched, results.schedule)
         update_manifest(results.manifest, "calibrate", {
@@ -140,5 +149,5 @@ def calibrate(
         session.close()
     console.print(f"{result.coefficients.describe()}: {objective.name} {result.best['value']:.4f} vs "
                   f"{result.baseline['value']:.4f} without coefficients ({result.evaluations} evaluations)")
-    console.print(f"wrote {Path(out) / COEFFICIENTS_FILE}, {results.schedule}, {Path(out) / TRIALS_FILE} in "
+    console.print(f"wrote {results.coefficients}, {results.schedule}, {results.calibration_trials_csv} in "
                   f"{time.time() - started:.0f} s")

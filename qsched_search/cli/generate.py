@@ -8,11 +8,12 @@ from typing import Annotated
 import pandas as pd
 import typer
 
-from qsched_search.cli._common import BatchOpt, DeviceOpt, DtypeOpt, FamilyOpt, PromptsOpt, WeightsOpt, console, user_errors
-from qsched_search.coefficients import apply_coefficients
-from qsched_search.images import save_png
-from qsched_search.io import write_csv
-from qsched_search.schedule import load_schedule
+from qsched_search.cli._common import (BackendChoice, BackendOpt, BatchOpt, CudaGraphsOpt, DeviceOpt, DtypeOpt, FamilyOpt,
+                                       PromptsOpt, VerboseOpt, WeightsOpt, console, user_errors)
+from qsched_search.pipeline.coefficients import apply_coefficients
+from qsched_search.results.images import save_png
+from qsched_search.results.io import write_csv
+from qsched_search.results.schedule import load_schedule
 from qsched_search.session import RunSettings, open_session, read_prompts
 
 
@@ -31,12 +32,16 @@ def generate(
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the PNGs and index.csv.")] = "results/generate",
     no_coefficients: Annotated[bool, typer.Option("--no-coefficients", help="Ignore the schedule's coefficients "
                                                   "section (run the stock scheduler).")] = False,
+    backend: BackendOpt = BackendChoice.auto,
+    cuda_graphs: CudaGraphsOpt = False,
+    verbose: VerboseOpt = False,
 ):
     """Run the pipeline with the schedule's level at each step and write OUT/NN.png and OUT/index.csv.
 
     A schedule with a `coefficients` section (from `qsched calibrate` or `qsched search --with-coefficients`) also
     rescales the denoiser output and the sample before each scheduler step, unless --no-coefficients is given.
-    With the schedule's seed and prompts, the images equal the search's images/schedule/ files bit for bit.
+    With the schedule's seed and prompts, on the backend and device it was measured on, the images equal the
+    search's images/schedule/ files bit for bit (each level quantizes the layers the schedule records).
     """
     loaded = load_schedule(schedule)
     coefficients = None if no_coefficients else loaded.coefficients
@@ -45,8 +50,13 @@ def generate(
                            reference=loaded.reference, samples=samples,
                            seed=seed if seed >= 0 else int(loaded.provenance.get("seed", 0)),
                            prompts=read_prompts(prompts), device=device, dtype=dtype, batch_size=batch_size,
-                           weights_dir=weights_dir or None, family=family or None)
-    session = open_session(settings, metrics=False, menu=menu)
+                           weights_dir=weights_dir or None, family=family or None, backend=backend.value,
+                           compile=loaded.execution.get("compile"), cuda_graphs=cuda_graphs)
+    if loaded.backend is not None and loaded.backend != settings.backend:
+        console.print(f"[yellow]warning:[/] the schedule was measured on backend {loaded.backend}; this run uses "
+                      f"{settings.backend}, so its images differ from the search's", highlight=False)
+    layers = {lv: loaded.quantized_layers(lv) for lv in set(loaded.levels) if loaded.quantized_layers(lv) is not None}
+    session = open_session(settings, metrics=False, menu=menu, layers=layers or None)
     try:
         if session.model.weights_sha256() != loaded.weights_sha256:
             console.print(f"[yellow]warning:[/] {settings.model!r} has other weights than the schedule was searched on")

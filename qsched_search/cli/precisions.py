@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qsched_search.cli._common import MenuOpt, user_errors
-from qsched_search.precisions import load_menu
+from qsched_search.quant.levels import load_menu
 
 
 @user_errors
@@ -24,7 +24,7 @@ def precisions(
 
         typer.echo(json.dumps(loaded.to_dict(), indent=2))
         return
-    table = Table(title=f"precision menu ({loaded.source}); quantizes {', '.join(loaded.layer_types)}")
+    table = Table(title=f"precision menu ({loaded.source}); target {loaded.target}: quantizes {', '.join(loaded.layer_types)}")
     for col in ("level", "format", "W bits", "A bits", "relative bit-ops", "what it simulates"):
         table.add_column(col)
     for level in loaded.levels.values():

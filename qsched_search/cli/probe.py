@@ -9,13 +9,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qsched_search.cli._common import (BatchOpt, DeviceOpt, DtypeOpt, FamilyOpt, MenuOpt, MetricsOpt, ModelOpt, PrecisionsOpt,
-                                       PromptsOpt, ReferenceOpt, SamplesOpt, SeedOpt, StepsOpt, WeightsOpt, console,
-                                       split_list, user_errors)
-from qsched_search.io import check_writable
-from qsched_search.paths import ResultsDir
-from qsched_search.probe import heatmap, probe_cells, run_probe
-from qsched_search.provenance import device_name, update_manifest
+from qsched_search.cli._common import (BackendChoice, BackendOpt, BatchOpt, CompileOpt, CudaGraphsOpt, DeviceOpt, DtypeOpt, FamilyOpt,
+                                       MenuOpt, MetricsOpt, ModelOpt, PrecisionsOpt, PromptsOpt, ReferenceOpt, SamplesOpt,
+                                       SeedOpt, StepsOpt, VerboseOpt, WeightsOpt, console, split_list, user_errors)
+from qsched_search.results.io import check_writable
+from qsched_search.results.layout import ResultsDir
+from qsched_search.results.provenance import device_name
 from qsched_search.session import RunSettings, open_session, read_prompts
 
 
@@ -35,19 +34,29 @@ def probe(
     batch_size: BatchOpt = 64,
     menu: MenuOpt = "",
     weights_dir: WeightsOpt = "",
+    backend: BackendOpt = BackendChoice.auto,
+    compile: CompileOpt = None,
+    cuda_graphs: CudaGraphsOpt = False,
     out: Annotated[str, typer.Option("--out", "-o", help="Results folder.")] = "results/probe",
+    verbose: VerboseOpt = False,
 ):
     """Run the sampler with one step at a lower precision (the others at reference), for every step and level.
 
     Writes OUT/probe.csv (step, timestep, precision, metric, value, 95% CI, n, delta from the noise floor),
     OUT/probe_heatmap.png and OUT/manifest.json. Finished cells are kept in OUT/probe_cells.jsonl: a killed
-    probe restarts where it stopped.
+    probe restarts where it stopped. On a CUDA device the levels run on torchao's real kernels (--backend auto);
+    on a CPU they are simulated, rounding as those kernels do.
+
+    Example: qsched probe --steps 4 --precisions w8a8,w4a8,w4a4 --samples 64 --out results/demo
     """
+    from qsched_search.search.probe import probe_cells, run_probe, write_probe
+
     started = time.time()
     settings = RunSettings(model=model, steps=steps, precisions=split_list(precisions), reference=reference,
                            samples=samples, seed=seed, prompts=read_prompts(prompts), metrics=split_list(metrics),
                            device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
-                           weights_dir=weights_dir or None, family=family or None)
+                           weights_dir=weights_dir or None, family=family or None, backend=backend.value,
+                           compile=compile.value if compile else None, cuda_graphs=cuda_graphs)
     results = ResultsDir(out)
     check_writable(results.root, "--out")
     session = open_session(settings)
@@ -57,23 +66,20 @@ def probe(
         columns = [TextColumn("[bold]probe[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("", total=len(cells))
-            frame = run_probe(session.evaluator, settings.precisions, results, described,
-                              on_cell=lambda cell: progress.update(task, advance=1, description=cell.key))
+            result = run_probe(session.evaluator, settings.precisions, results, described,
+                               on_cell=lambda cell: progress.update(task, advance=1, description=cell.key))
         primary = session.evaluator.metrics[0] if session.evaluator.metrics else None
-        if primary is not None:
-            heatmap(frame, primary.name, primary.higher_is_better, results.probe_heatmap,
-                    title=f"{session.model.model_id}: change in {primary.name} when one step runs at a lower precision")
-        update_manifest(results.manifest, "probe", {
+        files = write_probe(result, results, primary, {
             **described, "model": session.model.model_id, "prompts": sorted(set(session.eval_set.prompts)),
             "device": device_name(device), "timesteps": session.evaluator.timesteps,
-            "bank_memory": session.bank.memory(), "level_costs": session.bank.level_costs(),
-            "seconds": round(time.time() - started, 1),
-        })
+            "bank_memory": session.bank.memory(), "level_costs": session.bank.level_costs()},
+            title=f"{session.model.model_id}: change in {primary.name if primary else ''} when one step runs at a lower precision")
+        frame = result.table
     finally:
         session.close()
     if primary is not None:
         _print_summary(frame, primary.name)
-    console.print(f"wrote {results.probe_csv}, {results.probe_heatmap}, {results.manifest} in {time.time() - started:.0f} s")
+    console.print(f"wrote {', '.join(map(str, files))} in {time.time() - started:.0f} s", highlight=False)
 
 
 def _print_summary(frame, metric: str) -> None:

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from qsched_search.cli._common import (DeviceOpt, MenuOpt, ModelOpt, PrecisionsOpt, ReferenceOpt, console, split_list,
-                                       user_errors)
-
-
-class Backend(str, enum.Enum):
-    torchao = "torchao"
-    fake_quant = "fake-quant"
-
-
-class CompileChoice(str, enum.Enum):
-    full = "full"
-    regional = "regional"
-    none = "none"
+from qsched_search.cli._common import (BackendChoice, BackendOpt, CompileOpt, CudaGraphsOpt, DeviceOpt, MenuOpt, ModelOpt,
+                                       PrecisionsOpt, ReferenceOpt, VerboseOpt, console, split_list, user_errors)
 
 
 @user_errors
@@ -33,30 +21,31 @@ def profile(
     resolution: Annotated[Optional[int], typer.Option("--resolution", help="Image size in pixels; the family's default if omitted.", show_default=False)] = None,
     device: DeviceOpt = "cuda",
     dtype: Annotated[str, typer.Option("--dtype", help="The pipeline's own dtype (the reference level runs in it).")] = "bfloat16",
-    backend: Annotated[Backend, typer.Option("--backend", help="torchao: real kernels; fake-quant: the simulation (its latency means nothing for deployment).")] = Backend.torchao,
-    compile: Annotated[CompileChoice, typer.Option("--compile", help="full: torch.compile each level's denoiser; regional: only its repeated blocks; none: eager.")] = CompileChoice.full,
+    backend: BackendOpt = BackendChoice.auto,
+    compile: CompileOpt = None,
     compile_mode: Annotated[str, typer.Option("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs).")] = "",
-    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay each level as one captured CUDA graph (torchao backend on CUDA): no host overhead per step.")] = False,
+    cuda_graphs: CudaGraphsOpt = False,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed calls per level after compiling.")] = 3,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed calls per level; the CSV has their median and spread.")] = 20,
     family: Annotated[str, typer.Option("--family", help="Model family (a file in configs/families); detected if omitted.")] = "",
     menu: MenuOpt = "",
     out: Annotated[str, typer.Option("--out", "-o", help="The profile CSV to write.")] = "results/profile/latency.csv",
+    verbose: VerboseOpt = False,
 ):
     """Measure each level's denoiser step latency (CUDA events, median of --repeats after warm-up) and memory.
 
     Writes a CSV with columns level, ms_per_step (median), ms_p10, ms_p90, batch, resolution, device, compile_s and
     memory columns; `qsched search --cost latency --profile FILE` reads it. Run it on the GPU you will deploy on.
     """
-    from qsched_search.profile import PROFILE_COLUMNS, ProfileSettings, profile_model, write_csv
+    from qsched_search.quant.latency import PROFILE_COLUMNS, ProfileSettings, profile_model, write_csv
 
     settings = ProfileSettings(model=model, precisions=split_list(precisions), reference=reference, batch=batch,
                                resolution=resolution, device=device, dtype=dtype, backend=backend.value,
-                               compile=compile.value, compile_mode=compile_mode or None, cuda_graphs=cuda_graphs, warmup=warmup,
+                               compile=compile.value if compile else None, compile_mode=compile_mode or None, cuda_graphs=cuda_graphs, warmup=warmup,
                                repeats=repeats, family=family or None, menu=menu or None)
     rows = profile_model(settings, on_status=lambda msg: console.print(msg, highlight=False))
     path = write_csv(rows, out, PROFILE_COLUMNS)
-    table = Table(title=f"step latency on {rows[0]['device']} (batch {batch}, {rows[0]['resolution']} px, {backend.value})")
+    table = Table(title=f"step latency on {rows[0]['device']} (batch {batch}, {rows[0]['resolution']} px, {rows[0]['backend']})")
     for col in ("level", "ms/step (median)", "p10-p90", "vs reference", "compile s", "kernel"):
         table.add_column(col)
     for row in rows:

@@ -12,13 +12,13 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qsched_search.cli._common import (BatchOpt, DeviceOpt, DtypeOpt, FamilyOpt, MenuOpt, ModelOpt, PrecisionsOpt,
-                                       PromptsOpt, ReferenceOpt, SamplesOpt, SeedOpt, StepsOpt, WeightsOpt, console,
-                                       split_list, user_errors)
-from qsched_search.cli._workers import start_local_workers
+from qsched_search.cli._common import (BackendChoice, BackendOpt, BatchOpt, CompileOpt, CudaGraphsOpt, DeviceOpt,
+                                       DtypeOpt, FamilyOpt, MenuOpt, ModelOpt, PrecisionsOpt, PromptsOpt, ReferenceOpt,
+                                       SamplesOpt, SeedOpt, StepsOpt, VerboseOpt, WeightsOpt, console, split_list,
+                                       user_errors)
 from qsched_search.errors import QschedError
-from qsched_search.io import check_writable
-from qsched_search.paths import ResultsDir
+from qsched_search.results.io import check_writable
+from qsched_search.results.layout import ResultsDir
 from qsched_search.session import RunSettings, read_prompts
 
 
@@ -44,14 +44,13 @@ class SamplerName(str, enum.Enum):
 
 @user_errors
 def search(
-    ctx: typer.Context,
     model: ModelOpt = "embedded",
     family: FamilyOpt = "",
     steps: StepsOpt = 4,
     budget: Annotated[float, typer.Option("--budget", "-b", help="Cost budget: a fraction in (0, 1] of running every step at the reference level.")] = 0.5,
     precisions: PrecisionsOpt = "w8a8,w4a8,w4a4",
     reference: ReferenceOpt = "fp32",
-    cost: Annotated[CostModel, typer.Option("--cost", help="Cost model: bops (bit-operations), memory (weight bytes) or latency (needs --profile).")] = CostModel.bops,
+    cost: Annotated[CostModel, typer.Option("--cost", help="Cost model: bops (bit-operations), memory (weight bytes) or latency (measured here with --backend torchao on a GPU, or read from --profile).")] = CostModel.bops,
     objective: Annotated[str, typer.Option("--objective", help="The metric to optimise; the model family's first metric (lpips for the embedded model) if omitted.")] = "",
     trials: Annotated[Optional[int], typer.Option("--trials", "-t", help="New schedule evaluations on top of those already done (default: 24; exhaustive: the whole space).", show_default=False)] = None,
     sampler: Annotated[SamplerName, typer.Option("--sampler", help="auto: exhaustive when --trials covers the whole space, else tpe.")] = SamplerName.auto,
@@ -69,6 +68,9 @@ def search(
     batch_size: BatchOpt = 64,
     menu: MenuOpt = "",
     weights_dir: WeightsOpt = "",
+    backend: BackendOpt = BackendChoice.auto,
+    compile: CompileOpt = None,
+    cuda_graphs: CudaGraphsOpt = False,
     out: Annotated[str, typer.Option("--out", "-o", help="Results folder (the probe's, to reuse its table).")] = "results/probe",
     workers: Annotated[int, typer.Option("--workers", "-w", help="Local worker processes sharing the study (each measures --trials new schedules); this one then writes the results.")] = 1,
     heartbeat: Annotated[int, typer.Option("--heartbeat", help="Seconds between a running trial's heartbeats in the study database; a trial silent for 10 of them is a dead worker's and runs again.")] = 60,
@@ -82,6 +84,7 @@ def search(
                                                       "(seeds disjoint from the evaluation's).")] = 32,
     coefficients_candidates: Annotated[int, typer.Option("--coefficients-candidates", help="Pareto schedules within "
                                                          "the budget to calibrate, the best first.")] = 3,
+    verbose: VerboseOpt = False,
 ):
     """Search the precision of each denoising step: best measured quality within the cost budget.
 
@@ -91,12 +94,16 @@ def search(
     pareto.csv, pareto.png, history.png, images/ and manifest.json; the study lives in OUT/study.db, so running the
     same command again resumes it. With --with-coefficients, each of the best Pareto schedules also gets Q-Sched
     coefficients (`qsched calibrate`'s two levers) and is measured with and without them; schedule.json carries
-    the chosen schedule's coefficients when they measured better.
+    the chosen schedule's coefficients when they measured better. Every comparison of two schedules is paired
+    (the same prompts and seeds): a difference with its 95% bootstrap interval.
+
+    Example: qsched search --steps 4 --budget 0.05 --out results/demo   (after `qsched probe --out results/demo`)
     """
     import optuna
 
-    from qsched_search.joint import JointSettings, calibrate_front
-    from qsched_search.search import SearchSettings, open_search_session, run_search
+    from qsched_search.search.joint import JointSettings
+    from qsched_search.search.stage import SearchSettings, open_search_session, run_search
+    from qsched_search.search.workers import start_local_workers
 
     started = time.time()
     # Checked before the model loads: bad input fails in a second, not after it.
@@ -109,14 +116,22 @@ def search(
     settings = RunSettings(model=model, steps=steps, precisions=split_list(precisions), reference=reference,
                            samples=samples, seed=seed, prompts=read_prompts(prompts), metrics=split_list(metrics),
                            device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
-                           weights_dir=weights_dir or None, family=family or None)
+                           weights_dir=weights_dir or None, family=family or None, backend=backend.value,
+                           compile=compile.value if compile else None, cuda_graphs=cuda_graphs)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported in trials.csv and below
     results = ResultsDir(out)
     check_writable(results.root, "--out")
     if workers < 1:
         raise QschedError(f"--workers {workers} is below 1; allowed: 1 (this process) or more local processes")
     if workers > 1:  # they measure; this process then writes the results of the whole study, measuring nothing
-        url = start_local_workers(ctx, workers, results, search_settings.storage, search_settings.probe)
+        with Progress(TextColumn("[bold]search[/] {task.description}"), BarColumn(), TimeElapsedColumn(),
+                      console=console, transient=False) as progress:
+            task = progress.add_task(f"{workers} workers", total=None)
+            url = start_local_workers(settings, search_settings, results, workers,
+                                      on_poll=lambda running: progress.update(
+                                          task, description=f"{running} of {workers} workers running "
+                                                            f"(logs: {results.root}/workers/*/log.txt)"),
+                                      on_status=lambda msg: progress.console.print(msg, highlight=False))
         search_settings = replace(search_settings, storage=url, trials=0)
     session = open_search_session(settings, search_settings.objective)
     try:
@@ -130,18 +145,12 @@ def search(
                                 description=f"{row['source']:<12} {row['schedule']} {value}")
 
             result = run_search(session, search_settings, results, on_trial=on_trial,
-                                on_status=lambda msg: progress.console.print(msg, highlight=False))
-        joint_result = None
-        if joint is not None:
-            joint_result = calibrate_front(session, result, joint, results,
-                                           on_status=lambda msg: console.print(msg, highlight=False))
-            result.schedule = joint_result.schedule
-            result.files.append(results.pareto_coefficients_csv)
+                                on_status=lambda msg: progress.console.print(msg, highlight=False), joint=joint)
     finally:
         session.close()
     _print_summary(result)
-    if joint_result is not None:
-        _print_coefficients(joint_result)
+    if result.coefficients_front is not None:
+        _print_coefficients(result)
     console.print(f"stopped: {result.stopped_because}; {result.new_evaluations} new evaluations, "
                   f"{len(result.trials)} trials in study {result.study_name} ({result.storage})", highlight=False)
     console.print(f"wrote {', '.join(str(f) for f in result.files)} in {time.time() - started:.0f} s", highlight=False)
@@ -166,15 +175,36 @@ def _print_summary(result) -> None:
             continue
         table.add_row(label, str(row["schedule"]), f"{float(row['cost']):.4g}", _fmt_ci(row), str(row["n"]))
     console.print(table)
-    if result.best_uniform is not None:
-        better = (q.value >= result.best_uniform["value"]) if q.higher_is_better else (q.value <= result.best_uniform["value"])
-        verdict = "at least as good as" if better else "WORSE than"
-        console.print(f"the chosen schedule is {verdict} the best uniform schedule of equal or lower cost "
-                      f"({result.best_uniform['schedule']})", highlight=False)
+    console.print(headline(result), highlight=False)
 
 
-def _print_coefficients(joint) -> None:
-    front = joint.front
+def headline(result) -> str:
+    """One sentence of what the budget bought, from the paired comparison with the best uniform schedule."""
+    s = result.schedule
+    q = s.quality
+    spent = f"at {s.cost[s.cost_model]:.1%} of {s.reference}'s {_COST_WORDS.get(s.cost_model, s.cost_model)}"
+    own = f"{q.metric} {q.value:.3g}"
+    c = result.comparison
+    if result.best_uniform is None:
+        return f"{spent}: {own}; no uniform schedule costs as little, so there is no uniform baseline to beat"
+    base = result.best_uniform["schedule"].split(",")[0]
+    if c is None:
+        if result.best_uniform["schedule"] == ",".join(s.levels):
+            return f"{spent}: {own}; the best schedule within the budget is uniform {base}"
+        return f"{spent}: {own} against {float(result.best_uniform['value']):.3g} for the best uniform level ({base}) (not paired)"
+    rel = c["difference"] / c["baseline_value"] if c.get("baseline_value") else math.nan
+    direction = "below" if rel < 0 else "above"
+    verdict = {"better": "better", "worse": "worse", "not resolved": "not resolved"}[c["verdict"]]
+    return (f"{spent}: {own}, {abs(rel):.0%} {direction} the best uniform level ({base}, {c['baseline_value']:.3g}); "
+            f"paired difference {c['difference']:+.3g}, 95% CI [{c['ci_low']:+.3g}, {c['ci_high']:+.3g}] "
+            f"over {c['n']} samples: {verdict}")
+
+
+_COST_WORDS = {"bops": "bit-operations", "memory": "weight memory", "latency": "step latency"}
+
+
+def _print_coefficients(result) -> None:
+    front = result.coefficients_front
     table = Table(title="Pareto schedules within the budget, without and with calibrated coefficients (95% CI)")
     for col in ("schedule", "cost", "without", "with", "coefficients"):
         table.add_column(col, justify="right" if col == "cost" else "left")
@@ -183,6 +213,6 @@ def _print_coefficients(joint) -> None:
                  else _fmt_ci({"value": row["value_with"], "ci_low": row["ci_low_with"], "ci_high": row["ci_high_with"]}))
         table.add_row(row["schedule"], f"{row['cost']:.4g}", _fmt_ci(row), with_, str(row.get("coefficients") or ""))
     console.print(table)
-    verdict = ("schedule.json carries the chosen schedule's coefficients: they measured better" if joint.applied
+    verdict = ("schedule.json carries the chosen schedule's coefficients: they measured better" if result.coefficients_applied
                else "schedule.json has no coefficients: they did not measure better for the chosen schedule")
     console.print(verdict, highlight=False)

@@ -51,7 +51,7 @@ def fetch(
     try:
         weights.fetch_weights(weights_dir or None)
         if fid_stats:
-            from qsched_search.metrics import FidMetric
+            from qsched_search.eval.distribution_metrics import FidMetric
 
             FidMetric(device=device, weights_dir=weights_dir or None).reference_stats()
     except QschedError as exc:

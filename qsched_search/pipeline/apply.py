@@ -1,0 +1,99 @@
+"""Applies a saved schedule to a stock diffusers pipeline, so that a plain `pipe(...)` call follows it, fast.
+
+    pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-schnell", torch_dtype=torch.bfloat16).to("cuda")
+    apply_schedule(pipe, "schedule.json", backend="torchao", cuda_graphs=True)
+    image = pipe("a cat", num_inference_steps=4, guidance_scale=0.0).images[0]
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from qsched_search.pipeline.coefficients import AppliedCoefficients, apply_coefficients
+from qsched_search.pipeline.families import Family, detect_family, load_family
+from qsched_search.pipeline.switching import ScheduleHook, install_schedule, remove_schedule
+from qsched_search.quant.backends import build_bank, resolve_backend
+from qsched_search.quant.bank import Bank
+from qsched_search.quant.levels import Menu, load_menu
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AppliedSchedule", "apply_schedule"]
+
+
+@dataclass
+class AppliedSchedule:
+    """The handle `apply_schedule` returns: what it installed and a way to take it out again."""
+
+    bank: Bank
+    levels: tuple[str, ...]
+    timesteps: tuple[int, ...]
+    hook: ScheduleHook
+    coefficients: AppliedCoefficients | None = None
+
+    def remove(self) -> None:
+        """Restores the pipeline's denoiser and scheduler."""
+        remove_schedule(self.bank.denoiser)
+        self.bank.remove()
+        if self.coefficients is not None:
+            self.coefficients.remove()
+
+
+def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family: Family | str | None = None,
+                   coefficients: bool = True, backend: str = "auto", cuda_graphs: bool = False,
+                   compile: str | None = None) -> AppliedSchedule:
+    """Installs the schedule's precision bank in `pipe`'s denoiser, and a hook that picks each call's level.
+
+    The level of a call is that of the step whose timestep it is called with (`qsched_search.pipeline.switching`:
+    the rule the search's rollout uses), so both halves of a classifier-free-guidance batch run at one level, and a
+    run with another number of steps fails loudly instead of running at a wrong precision. A schedule that records
+    which layers each level quantized (schema 2) gets exactly those layers, so the images equal the search's for the
+    same backend, device, prompts and seeds. Its `coefficients` section, if any, is installed on `pipe.scheduler`.
+
+    Args:
+        pipe: a diffusers pipeline of a family in configs/families.
+        schedule (`str`, `Path` or `Schedule`): a schedule.json path or a loaded schedule.
+        menu (*optional*): the precision menu; the one recorded in the schedule (else the packaged menu) if omitted.
+        family (*optional*): the model family; detected from the pipeline if omitted.
+        coefficients (`bool`, defaults to True): apply the schedule's coefficients section, if it has one.
+        backend (`str`, defaults to `"auto"`): `torchao` (real kernels: the fast path; CUDA), `sim` (simulated
+            rounding, any device), or `auto` (torchao when the denoiser is on a CUDA device).
+        cuda_graphs (`bool`, defaults to False): replay each level as one CUDA graph (torchao): no host overhead.
+        compile (`str`, *optional*): the real-kernel bank's compile scope; the schedule's if it records one.
+
+    Returns:
+        `AppliedSchedule`: call `.remove()` to restore the pipeline.
+    """
+    from qsched_search.results.schedule import Schedule, load_schedule
+
+    if not isinstance(schedule, Schedule):
+        schedule = load_schedule(schedule)
+    if not isinstance(menu, Menu):
+        menu = load_menu(menu) if menu else (schedule.menu() or load_menu())
+    if isinstance(family, str):
+        family = load_family(family)
+    family = family or detect_family(pipe)
+    denoiser = family.denoiser_of(pipe)
+    device = str(next(denoiser.parameters()).device)
+    chosen = resolve_backend(backend, device)
+    measured_on = schedule.backend
+    if measured_on is not None and measured_on != chosen:
+        logger.warning("the schedule's quality was measured on backend %s and it now runs on %s: expect other "
+                       "images than the search measured", measured_on, chosen)
+    levels = tuple(schedule.levels)
+    needed = sorted(set(levels), key=levels.index)
+    layers = {lv: schedule.quantized_layers(lv) for lv in needed if schedule.quantized_layers(lv) is not None}
+    bank = build_bank(chosen, denoiser, menu, needed, schedule.reference, list(family.exclude),
+                      compile=compile or schedule.execution.get("compile"), cuda_graphs=cuda_graphs,
+                      layers=layers or None)
+    try:
+        hook = install_schedule(bank, pipe, levels, family.timestep_scale)
+        applied = apply_coefficients(pipe, schedule.coefficients) if coefficients else None
+    except BaseException:
+        remove_schedule(denoiser)
+        bank.remove()
+        raise
+    return AppliedSchedule(bank=bank, levels=levels, timesteps=tuple(schedule.timesteps), hook=hook,
+                           coefficients=applied)

@@ -1,0 +1,1 @@
+"""Levels and the precision menu, fake-quant rounding, the bank interface and its two banks, costs."""

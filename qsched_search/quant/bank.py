@@ -1,0 +1,269 @@
+"""The bank interface: a denoiser's precision levels built once and held side by side, one active at a time.
+
+Two banks implement it: `SimulatedBank` (`qsched_search.quant.sim_bank`) rounds weights and activations in plain
+PyTorch on any device; `RealKernelBank` (`qsched_search.quant.torchao_bank`) runs torchao's kernels. Both choose
+a level's layers with the same rule (`qsched_search.quant.targets`), so a level quantizes the same layers in both.
+Callers (rollout, probe, search, calibrate, apply, profile) use only what this base class declares.
+
+What a caller may rely on:
+- The denoiser object stays the one the pipeline holds (`pipe.unet.config` keeps working); `remove()` restores
+  it exactly, and a bank is removed before another is built on the same denoiser.
+- `set_level(name)` is one attribute write: it moves no weights and takes effect at the next denoiser call.
+- `calls` counts denoiser calls per level since the bank was built: proof of which level ran.
+- `quantized_layers[level]` names the modules the level quantizes; the reference quantizes none.
+- `level_costs()` gives each level's `bops` and `memory` as a fraction of the reference's; it needs the MAC counts
+  of one denoiser call, measured from `calibration` or, without it, at the first call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Mapping, Sequence
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from qsched_search.errors import QschedError
+from qsched_search.quant.costs import Footprint
+from qsched_search.quant.kernels import KernelChoice
+from qsched_search.quant.levels import Menu
+from qsched_search.quant.targets import layer_rule, repeated_block_prefixes, select_layers
+
+__all__ = ["BACKENDS", "COMPILE_MODES", "Bank", "CallStats", "default_compile", "dtype_name", "installed_bank", "measure_call"]
+
+BACKENDS = ("sim", "torchao")
+COMPILE_MODES = ("full", "regional", "none")
+HOOK_NAME = "qsched.bank"
+
+
+def dtype_name(module: nn.Module) -> str:
+    """The module's parameter dtype as its torch name (`"bfloat16"`)."""
+    return str(next(module.parameters()).dtype).removeprefix("torch.")
+
+
+def default_compile(denoiser: nn.Module) -> str:
+    """The real-kernel bank's default compile scope: its repeated blocks when the model declares them (a short
+    compile, and what ran fastest on the GPU), else the whole model."""
+    return "regional" if repeated_block_prefixes(denoiser) else "full"
+
+
+@dataclass
+class CallStats:
+    """What one recorded denoiser call showed: multiply-accumulates per sample and rows per call of each layer."""
+
+    macs: dict[str, int] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+
+
+def _record(stats: CallStats, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    # A wrapper of the simulation bank stands for the layer it wraps (its `inner`).
+    module = getattr(module, "inner", module)
+    x = inputs[0]
+    if isinstance(module, nn.Linear):
+        stats.rows[name] = max(stats.rows.get(name, 0), x.numel() // max(1, x.shape[-1]))
+        stats.macs.setdefault(name, output.numel() // output.shape[0] * module.in_features)
+    else:
+        k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        stats.macs.setdefault(name, output.numel() // output.shape[0] * k)
+
+
+def _recording_hooks(stats: CallStats, modules) -> list:
+    return [m.register_forward_hook(lambda mod, i, o, _n=n: _record(stats, _n, mod, i, o)) for n, m in modules]
+
+
+def _layers(denoiser: nn.Module):
+    return [(n, m) for n, m in denoiser.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def measure_call(denoiser: nn.Module, args: tuple, kwargs: dict) -> CallStats:
+    """Runs one denoiser call and records each Linear's and Conv2d's MACs per sample and rows per call."""
+    stats = CallStats()
+    handles = _recording_hooks(stats, _layers(denoiser))
+    try:
+        with torch.no_grad():
+            denoiser(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def installed_bank(denoiser: nn.Module) -> "Bank | None":
+    """The bank installed in `denoiser`, if any."""
+    registry = getattr(denoiser, "_diffusers_hook", None)
+    hook = None if registry is None else registry.get_hook(HOOK_NAME)
+    return None if hook is None else hook.bank
+
+
+@dataclass
+class _State:
+    active: str
+    calls: Counter = field(default_factory=Counter)
+
+
+class _BankHook(ModelHook):
+    """The bank's named hook on the denoiser: counts calls per level and, for a bank that runs other modules than
+    the denoiser's own (the real-kernel copies), routes the call to the active level's."""
+
+    def __init__(self, bank: "Bank", route: Callable | None):
+        super().__init__()
+        self.bank = bank
+        if route is not None:
+            self.new_forward = lambda module, *args, **kwargs: route(*args, **kwargs)
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.bank._state.calls[self.bank._state.active] += 1
+        return args, kwargs
+
+
+class Bank(ABC):
+    """A denoiser's precision levels, built once; one level is active at a time.
+
+    Args:
+        denoiser (`nn.Module`): the pipeline's `unet` or `transformer`, already on its device and in its dtype.
+        menu (`Menu`): the precision menu; its `target` decides which layers each level quantizes.
+        levels (`Sequence[str]`): the levels to build; the reference is added first if missing.
+        reference (`str`): the level that runs the denoiser as it is.
+        exclude (`Sequence[str]`, *optional*): fnmatch patterns of module names kept at the reference level.
+        calibration (`tuple`, *optional*): `(args, kwargs)` of one denoiser call: its MAC counts give the costs and
+            its row counts let activation-quantizing levels skip layers with few rows.
+        compile (`str`, *optional*): the real-kernel bank's compile scope (`full`, `regional`, `none`); with
+            `regional` only layers inside the compiled blocks quantize, in both banks. Defaults to
+            `default_compile(denoiser)`.
+        layers (`Mapping[str, Sequence[str]]`, *optional*): level -> module names to quantize, as a schedule
+            recorded them; replaces the rule for those levels, so a deployment quantizes what the search measured.
+    """
+
+    backend: ClassVar[str]
+
+    def __init__(self, denoiser: nn.Module, menu: Menu, levels: Sequence[str], reference: str, exclude: Sequence[str] = (),
+                 *, calibration: tuple[tuple, dict] | None = None, compile: str | None = None,
+                 layers: Mapping[str, Sequence[str]] | None = None):
+        if installed_bank(denoiser) is not None:
+            raise QschedError("this denoiser already has a precision bank installed; call .remove() on it first")
+        compile = compile or default_compile(denoiser)
+        if compile not in COMPILE_MODES:
+            raise QschedError(f"compile={compile!r} is not one of {', '.join(COMPILE_MODES)}")
+        self.denoiser, self.menu, self.reference, self.compile = denoiser, menu, reference, compile
+        self.levels = list(dict.fromkeys([reference, *levels]))
+        menu.select(self.levels)  # an unknown name fails here, naming the menu's levels
+        self.exclude = [*exclude, *menu.extra_exclude]
+        self.model_dtype = dtype_name(denoiser)
+        self.stats = measure_call(denoiser, *calibration) if calibration is not None else None
+        self.kernels: dict[str, KernelChoice | None] = {name: self._kernel(name) for name in self.levels}
+        regions = repeated_block_prefixes(denoiser) if compile == "regional" else None
+        self.quantized_layers: dict[str, list[str]] = {}
+        for name in self.levels:
+            if layers is not None and name in layers:
+                self.quantized_layers[name] = self._check_layers(name, layers[name])
+            else:
+                rule = layer_rule(menu[name], menu, self.model_dtype, self.kernels[name])
+                self.quantized_layers[name] = select_layers(denoiser, rule, self.exclude,
+                                                            None if self.stats is None else self.stats.rows, regions)
+            if name != reference and not self.quantized_layers[name]:
+                raise QschedError(f"precision level {name!r} quantizes no layer of the denoiser under target "
+                                  f"{menu.target} (after excluding {self.exclude}); drop the level or change the target")
+        self._state = _State(active=reference)
+        self._lazy_stats: list = []
+
+    # ------------------------------------------------------------------------------------------- subclasses
+
+    @abstractmethod
+    def _kernel(self, level: str) -> KernelChoice | None:
+        """The kernel facts of `level` on this backend (None: the generic simulated recipe)."""
+
+    @abstractmethod
+    def kernel(self, level: str) -> str:
+        """A short description of what runs `level` (recorded in schedules and profiles)."""
+
+    @abstractmethod
+    def memory(self) -> dict:
+        """`denoiser_bytes`, `bank_extra_bytes`, `total_bytes` and `per_level_extra_bytes` (level -> bytes)."""
+
+    @abstractmethod
+    def _uninstall(self) -> None:
+        """Undoes what the subclass installed besides the bank hook."""
+
+    def _install_hook(self, route: Callable | None = None) -> None:
+        """Registers the bank's hook on the denoiser (subclasses call it last in their constructor)."""
+        HookRegistry.check_if_exists_or_initialize(self.denoiser).register_hook(_BankHook(self, route), HOOK_NAME)
+        if self.stats is None:  # no calibration call: MACs are counted during the first call instead
+            self.stats = CallStats()
+            self._lazy_stats = _recording_hooks(self.stats, self._counted_modules())
+
+    # ------------------------------------------------------------------------------------------- switching
+
+    @property
+    def active(self) -> str:
+        return self._state.active
+
+    @property
+    def calls(self) -> Counter:
+        """Denoiser calls per level since the bank was built."""
+        return self._state.calls
+
+    def check(self, names) -> None:
+        """A one-line error for a name that is not in the menu, or not among the levels this bank built."""
+        for name in names:
+            self.menu[name]
+            if name not in self.levels:
+                raise QschedError(f"precision {name!r} is in the menu but this bank built only {', '.join(self.levels)}; "
+                                  "add it to --precisions")
+
+    def set_level(self, name: str) -> None:
+        if name not in self.quantized_layers:
+            self.check([name])
+        self._state.active = name
+
+    def remove(self) -> None:
+        """Restores the denoiser: its own layers and forward, no bank hook."""
+        registry = getattr(self.denoiser, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+            registry.remove_hook(HOOK_NAME, recurse=False)
+        for h in self._lazy_stats:
+            h.remove()
+        self._lazy_stats = []
+        self._uninstall()
+
+    # ------------------------------------------------------------------------------------------- accounting
+
+    def footprint(self, level: str) -> Footprint:
+        """MACs and parameters of `level`'s quantized layers vs the rest of the denoiser."""
+        if self.stats is None or not self.stats.macs:
+            raise QschedError("the bank has not seen a denoiser call yet; run the pipeline once (or build the bank "
+                              "with calibration=...) before asking for costs")
+        layers = set(self.quantized_layers[level])
+        modules = dict(self.denoiser.named_modules())
+        q_macs = sum(v for k, v in self.stats.macs.items() if k in layers)
+        q_params = sum(getattr(modules[name], "inner", modules[name]).weight.numel() for name in layers)
+        total_params = sum(p.numel() for p in self.denoiser.parameters())
+        return Footprint(q_macs, sum(self.stats.macs.values()) - q_macs, q_params, total_params - q_params)
+
+    def level_costs(self) -> dict[str, dict[str, float]]:
+        """Each level's `bops` and `memory` cost as a fraction of the reference level's."""
+        ref = self.menu[self.reference]
+        return {name: self.footprint(name).level_costs(self.menu[name], ref) for name in self.levels}
+
+    def describe(self) -> dict:
+        """What schedules and manifests record of the bank: backend, target, compile, and per level its kernel and
+        quantized layers."""
+        return {"backend": self.backend, "target": self.menu.target, "compile": self.compile,
+                "levels": {name: {"kernel": self.kernel(name), "quantized_layers": list(self.quantized_layers[name])}
+                           for name in self.levels}}
+
+    # ------------------------------------------------------------------------------------------- internals
+
+    def _check_layers(self, level: str, names: Sequence[str]) -> list[str]:
+        modules = dict(self.denoiser.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise QschedError(f"level {level!r} is recorded to quantize {missing[0]!r}, which this denoiser does not "
+                              f"have ({len(missing)} such names); apply the schedule to the model it was searched on")
+        return list(names)
+
+    def _counted_modules(self):
+        """(name, module) pairs whose calls measure the layers' MACs (the simulation counts its wrappers)."""
+        return _layers(self.denoiser)

@@ -1,0 +1,194 @@
+"""Per-step sensitivity probes: swap one step to a lower precision, keep the rest at reference, measure the damage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import pandas as pd
+
+from qsched_search.results.io import write_csv, write_text
+from qsched_search.results.layout import ResultsDir
+from qsched_search.results.provenance import fingerprint, update_manifest
+from qsched_search.results.records import Measurement
+from qsched_search.results.tables import PROBE_COLUMNS, schedule_key
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Cell", "CellStore", "ProbeResult", "probe_cells", "probe_measurements", "probe_table", "run_probe",
+           "write_probe"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One probe run: `kind` is "reference" (a re-run of the reference: the noise floor), "step" or "uniform"."""
+
+    kind: str
+    precision: str
+    step: int | None = None
+
+    def levels(self, reference: str, steps: int) -> tuple[str, ...]:
+        if self.kind == "uniform":
+            return (self.precision,) * steps
+        if self.kind == "step":
+            return tuple(self.precision if i == self.step else reference for i in range(steps))
+        return (reference,) * steps
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.precision}:{'' if self.step is None else self.step}"
+
+    @classmethod
+    def from_key(cls, key: str) -> "Cell":
+        kind, precision, step = key.split(":")
+        return cls(kind, precision, int(step) if step else None)
+
+
+def probe_cells(levels: Sequence[str], reference: str, steps: int) -> list[Cell]:
+    """The noise floor first, then every (step, level) swap, then each uniform schedule."""
+    cells = [Cell("reference", reference)]
+    cells += [Cell("step", level, step) for level in levels for step in range(steps)]
+    cells += [Cell("uniform", level) for level in levels]
+    return cells
+
+
+class CellStore:
+    """Finished cells, one JSON line each, tagged with a fingerprint of everything that decides their values.
+
+    A probe killed midway restarts where it stopped; a probe with other settings ignores the old lines.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, tidy: bool = True):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.done: dict[str, Measurement] = {}
+        if self.path.is_file():
+            text, cut, kept = self.path.read_text(), False, []
+            for line in text.splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    cut = True  # a line cut by a kill: that cell runs again
+                    continue
+                if record.get("fingerprint") == fingerprint:
+                    self.done[record["cell"]] = Measurement.from_dict(record)
+                    kept.append(line)
+            if not tidy:
+                pass
+            elif not self.done:
+                self.path.unlink()
+            elif cut or not text.endswith("\n"):  # drop the cut line, so the next record starts a line of its own
+                write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def add(self, cell: Cell, measurement: Measurement) -> None:
+        record = {"fingerprint": self.fingerprint, "cell": cell.key, **measurement.to_dict()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:  # one whole line per finished cell; a kill can cut only the last one
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[cell.key] = measurement
+
+
+@dataclass
+class ProbeResult:
+    """What `run_probe` measured: the cells, their measurements and the tidy table."""
+
+    cells: list[Cell]
+    measurements: dict[str, Measurement]
+    table: pd.DataFrame
+    fingerprint: str
+    seconds: float = 0.0
+    reused: int = 0
+    fields: dict = field(default_factory=dict)
+
+
+def run_probe(evaluator, levels: Sequence[str], results: ResultsDir, settings: Mapping,
+              on_cell: Callable[[Cell], None] | None = None) -> ProbeResult:
+    """Runs every probe cell not already finished (kept in `results.probe_cells` as they finish).
+
+    Args:
+        evaluator (`ScheduleEvaluator`): runs and scores schedules against the all-reference run.
+        levels (`Sequence[str]`): the lower precisions to probe.
+        results (`ResultsDir`): where probe_cells.jsonl is kept.
+        settings (`Mapping`): everything that decides the numbers (model hash, steps, eval set, metrics, menu...);
+            finished cells are reused only under the same settings.
+        on_cell (`Callable`, *optional*): called after each cell, for progress bars.
+
+    Returns:
+        `ProbeResult`; write its files with `write_probe`.
+    """
+    started = time.time()
+    runner = evaluator.runner
+    reference, steps = runner.bank.reference, runner.steps
+    key = fingerprint(dict(settings))
+    store = CellStore(results.probe_cells, key)
+    reused = len(store.done)
+    cells = probe_cells(levels, reference, steps)
+    for cell in cells:
+        if cell.key not in store.done:
+            store.add(cell, evaluator.evaluate(cell.levels(reference, steps)).measurement)
+        if on_cell:
+            on_cell(cell)
+    measurements = {cell.key: store.done[cell.key] for cell in cells}
+    return ProbeResult(cells, measurements, probe_table(cells, measurements), key, time.time() - started, reused)
+
+
+def write_probe(result: ProbeResult, results: ResultsDir, metric, fields: Mapping, title: str = "") -> list[Path]:
+    """probe.csv, probe_heatmap.png (of `metric`, when given) and the manifest's probe stage, written once each."""
+    from qsched_search.plots import plot_probe_heatmap
+
+    write_csv(results.probe_csv, result.table)
+    files = [results.probe_csv]
+    if metric is not None:
+        plot_probe_heatmap(result.table, metric.name, metric.higher_is_better, results.probe_heatmap, title=title)
+        files.append(results.probe_heatmap)
+    update_manifest(results.manifest, "probe", {**fields, "fingerprint": result.fingerprint,
+                                                "cells_reused": result.reused, "seconds": round(result.seconds, 1)})
+    files.append(results.manifest)
+    return files
+
+
+def probe_table(cells: list[Cell], measurements: Mapping[str, Measurement]) -> pd.DataFrame:
+    """Tidy rows (cell x metric); `delta` is the value minus the noise-floor row's value of the same metric."""
+    floor = measurements[cells[0].key]
+    rows = []
+    for cell in cells:
+        m = measurements[cell.key]
+        for metric in (floor.estimates if m.failed else m.estimates):
+            est = m.estimates.get(metric)
+            value, lo, hi, n = (est.value, est.ci_low, est.ci_high, est.n) if est else (math.nan, math.nan, math.nan, 0)
+            rows.append({
+                "kind": cell.kind,
+                "step": cell.step,
+                "timestep": floor.timesteps[cell.step] if cell.step is not None else None,
+                "precision": cell.precision,
+                "metric": metric,
+                "value": value,
+                "ci_low": lo,
+                "ci_high": hi,
+                "n": n,
+                "delta": value - floor.estimates[metric].value,
+                "unhealthy_images": m.unhealthy_images,
+                "fail_reason": m.fail_reason or "",
+            })
+    frame = pd.DataFrame(rows, columns=PROBE_COLUMNS)
+    frame["step"] = frame["step"].astype("Int64")
+    frame["timestep"] = frame["timestep"].astype("Int64")
+    return frame
+
+
+def probe_measurements(results: ResultsDir, fingerprint_: str, reference: str, steps: int) -> dict[str, Measurement]:
+    """The finished cells of the probe with `fingerprint_` in `results`, by schedule key (the noise-floor cell stands
+    for the all-reference schedule)."""
+    path = results.probe_cells
+    if not path.is_file():
+        return {}
+    return {schedule_key(Cell.from_key(key).levels(reference, steps)): m
+            for key, m in CellStore(path, fingerprint_, tidy=False).done.items()}
