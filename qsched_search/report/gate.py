@@ -17,6 +17,7 @@ __all__ = ["GateResult", "GateSpec", "baseline_warnings", "check_gate", "parse_f
 _VALUE_EPS = 1e-12
 
 
+@dataclass(frozen=True)
 class GateSpec:
     """`--fail-if-worse METRIC:TOLERANCE`, parsed."""
 
@@ -47,9 +48,6 @@ class GateResult:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-@dataclass
 
 
 def parse_fail_if_worse(spec: str) -> GateSpec:

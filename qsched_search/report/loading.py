@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,12 @@ def _as_bool(x: Any) -> bool:
 
 
 # Columns the readers need; extra columns are kept and ignored.
-_PROBE_COLUMNS = ("kind", "step", "precision", "metric", "value")
+_PROBE_COLUMNS = ("kind", "step", "precision", "metric", "value", "delta")
 _TRIALS_COLUMNS = ("trial", "schedule", "state", "cost", "value")
 _IMAGES_COLUMNS = ("label", "sample", "file")
 
 
+@dataclass
 class Results:
     """What one results folder holds; a file that is absent is `None` and named in `missing`."""
 

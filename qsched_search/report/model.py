@@ -18,6 +18,7 @@ from qsched_search.results.tables import best_uniform_at_most, completed, pareto
 __all__ = ["Report", "UniformPoint", "build_report"]
 
 
+@dataclass(frozen=True)
 class UniformPoint:
     """A schedule that runs every step at one level, as measured in trials.csv."""
 
@@ -31,9 +32,7 @@ class UniformPoint:
     n: int | None
 
 
-@dataclass(frozen=True)
-
-
+@dataclass
 class Report:
     """Everything the renderers show, computed once from a `Results` (and optionally a baseline and a gate)."""
 

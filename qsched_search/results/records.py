@@ -18,6 +18,18 @@ def finite_or_none(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _encode(x: Any) -> float | str | None:
+    """A number for a stored record: finite as is, +-inf as "inf" / "-inf" (PSNR of identical images is inf, and a
+    resumed probe must read back what it measured), NaN and non-numbers as None. `float()` reads all three back."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return None if math.isnan(x) else x
+
+
 @dataclass(frozen=True)
 class Estimate:
     """A metric's value over a set of images with its 95% confidence interval.
@@ -67,15 +79,16 @@ class Measurement:
         return None if est is None else finite_or_none(est.value)
 
     def to_dict(self) -> dict:
-        """JSON: estimates as [value, ci_low, ci_high, n]; per-image values under `per_image`."""
+        """JSON: estimates as [value, ci_low, ci_high, n] (NaN as null, infinities as "inf" / "-inf"); per-image
+        values under `per_image`."""
         out: dict[str, Any] = {
-            "estimates": {k: [finite_or_none(e.value), finite_or_none(e.ci_low), finite_or_none(e.ci_high), int(e.n)]
+            "estimates": {k: [_encode(e.value), _encode(e.ci_low), _encode(e.ci_high), int(e.n)]
                           for k, e in self.estimates.items()},
             "timesteps": [int(t) for t in self.timesteps],
             "unhealthy_images": int(self.unhealthy_images),
             "fail_reason": self.fail_reason or None,
         }
-        per_image = {k: [finite_or_none(v) for v in e.per_image] for k, e in self.estimates.items() if e.per_image}
+        per_image = {k: [_encode(v) for v in e.per_image] for k, e in self.estimates.items() if e.per_image}
         if per_image:
             out["per_image"] = per_image
         if self.origin:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from qsched_search.errors import QschedError
-from qsched_search.quant.levels import Level, Menu, load_menu
+from qsched_search.quant.levels import Menu, load_menu, menu_from_dict
 from qsched_search.resources import SCHEDULE_SCHEMA
 from qsched_search.results.coefficients import Coefficients
 from qsched_search.results.io import write_json
@@ -203,9 +203,7 @@ class Schedule:
         raw = self.extras.get("menu")
         if not raw:
             return None
-        levels = {name: Level(name=name, **spec) for name, spec in raw["levels"].items()}
-        return Menu(levels=levels, layer_types=tuple(raw.get("layer_types", ("Linear", "Conv2d"))),
-                    extra_exclude=tuple(raw.get("extra_exclude", ())), source="schedule.json menu")
+        return menu_from_dict(raw, source="schedule.json menu")
 
     def validate(self, menu: Menu) -> "Schedule":
         """Checks every level and the reference against `menu`; returns self so that calls chain."""

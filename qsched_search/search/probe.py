@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -186,9 +186,9 @@ def probe_table(cells: list[Cell], measurements: Mapping[str, Measurement]) -> p
 
 def probe_measurements(results: ResultsDir, fingerprint_: str, reference: str, steps: int) -> dict[str, Measurement]:
     """The finished cells of the probe with `fingerprint_` in `results`, by schedule key (the noise-floor cell stands
-    for the all-reference schedule)."""
+    for the all-reference schedule), each with origin "probe" unless it records another."""
     path = results.probe_cells
     if not path.is_file():
         return {}
-    return {schedule_key(Cell.from_key(key).levels(reference, steps)): m
+    return {schedule_key(Cell.from_key(key).levels(reference, steps)): replace(m, origin=m.origin or "probe")
             for key, m in CellStore(path, fingerprint_, tidy=False).done.items()}

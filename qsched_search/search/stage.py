@@ -29,8 +29,8 @@ from qsched_search.search.study import ScheduleSearch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_SAMPLES", "SearchResult", "SearchSettings", "measure_latency", "open_search_session", "run_search",
-           "write_search"]
+__all__ = ["IMAGE_SAMPLES", "SearchResult", "SearchSettings", "check_cost_source", "measure_latency", "open_search_session",
+           "run_search", "write_search"]
 
 # Samples per schedule in the report's images.
 IMAGE_SAMPLES = 8
@@ -111,6 +111,14 @@ class SearchResult:
     coefficients_front: pd.DataFrame | None = None
     coefficients_applied: bool = False
     files: list[Path] = field(default_factory=list)
+
+
+def check_cost_source(settings: SearchSettings, backend: str) -> None:
+    """A one-line error, before anything loads, when `--cost latency` has neither a profile nor real kernels to
+    measure on (`backend` is the resolved `sim` or `torchao`)."""
+    if settings.cost_model == "latency" and not settings.profile and backend != "torchao":
+        raise QschedError("--cost latency needs real kernels: pass --backend torchao --device cuda (each level's "
+                          "step latency is then measured in this process), or --profile FILE from `qsched profile`")
 
 
 def open_search_session(settings, objective: str | None = None):
@@ -239,9 +247,7 @@ def run_search(session, settings: SearchSettings, results: ResultsDir,
     if settings.profile:
         latency = load_latency_profile(settings.profile, choices, reference)
     elif settings.cost_model == "latency":
-        if bank.backend != "torchao":
-            raise QschedError("--cost latency needs real kernels: pass --backend torchao --device cuda (each level's "
-                              "step latency is then measured in this process), or --profile FILE from `qsched profile`")
+        check_cost_source(settings, bank.backend)
         latency_rows = measure_latency(session, choices, on_status=status)
         ref_ms = latency_rows[reference]["ms_per_step"]
         latency = {lv: row["ms_per_step"] / ref_ms for lv, row in latency_rows.items()}

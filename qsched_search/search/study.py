@@ -18,7 +18,7 @@ from qsched_search._version import __version__
 from qsched_search.errors import QschedError
 from qsched_search.quant.costs import CostTable
 from qsched_search.results.provenance import fingerprint as settings_fingerprint
-from qsched_search.results.records import Measurement
+from qsched_search.results.records import Measurement, finite_or_none
 from qsched_search.results.tables import BUDGET_EPS, TRIALS_COLUMNS, schedule_key
 from qsched_search.search.samplers import DEFAULT_TRIALS, HAS_SET_CONSTRAINT, SAMPLER_FACTORIES, resolve_sampler
 from qsched_search.search.storage import HEARTBEAT_SECONDS, open_storage
@@ -229,7 +229,7 @@ class ScheduleSearch:
             record = measurement_of(evaluation).to_dict()
             record["seconds"] = round(time.perf_counter() - started, 3)
             estimate = record["estimates"].get(self.metric)
-            if not record["fail_reason"] and (estimate is None or estimate[0] is None):
+            if not record["fail_reason"] and (estimate is None or finite_or_none(estimate[0]) is None):
                 record["fail_reason"] = f"metric {self.metric} is {'missing' if estimate is None else 'NaN or infinite'}"
             record["origin"] = f"{self.study_name} trial {trial.number}"
             self._cache[key] = record
@@ -321,6 +321,10 @@ class ScheduleSearch:
             costs = self.costs.costs(levels)
             cost = costs[self.cost_model]
             failed = bool(record.get("fail_reason"))
+            if not failed and finite_or_none(record["estimates"][self.metric][0]) is None:
+                # As a measurement in this study would be: a NaN or infinite objective fails the trial.
+                record = {**record, "fail_reason": f"metric {self.metric} is NaN or infinite"}
+                failed = True
             attrs = {"schedule": key, "source": "cache", "origin": record.get("origin", "imported"), "evaluation": record,
                      "cost": cost, "feasible": bool(cost <= self.budget + BUDGET_EPS),
                      **{f"cost_{m}": v for m, v in costs.items()}}
