@@ -40,15 +40,18 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qsched_search import metrics as M  # noqa: E402
-from qsched_search.calibrate import (CalibrationSettings, build_objective, calibrate,  # noqa: E402
-                                     evaluations_to_reach)
-from qsched_search.coefficients import Coefficients, apply_coefficients  # noqa: E402
 from qsched_search.embedded.vocab import CLASS_NAMES  # noqa: E402
-from qsched_search.io import atomic_path, write_csv, write_json, write_text  # noqa: E402
-from qsched_search.provenance import command_line, device_name, now, versions  # noqa: E402
-from qsched_search.rollout import EvalSet, Runner, make_eval_set  # noqa: E402
-from qsched_search.schedule import cost_of  # noqa: E402
+from qsched_search.eval import distribution_metrics as DM  # noqa: E402
+from qsched_search.eval import metrics as M  # noqa: E402
+from qsched_search.pipeline.coefficients import apply_coefficients  # noqa: E402
+from qsched_search.pipeline.rollout import EvalSet, Runner, make_eval_set  # noqa: E402
+from qsched_search.quant.levels import Menu, load_menu  # noqa: E402
+from qsched_search.results.coefficients import Coefficients  # noqa: E402
+from qsched_search.results.io import atomic_path, write_csv, write_json, write_text  # noqa: E402
+from qsched_search.results.provenance import command_line, device_name, now, versions  # noqa: E402
+from qsched_search.results.schedule import cost_of  # noqa: E402
+from qsched_search.search.calibrate import (CalibrationSettings, build_objective, calibrate,  # noqa: E402
+                                            evaluations_to_reach)
 from qsched_search.session import RunSettings, open_session  # noqa: E402
 
 logger = logging.getLogger("bench_calibrate")
@@ -88,9 +91,13 @@ def study_key(steps: int, level: str, target: str, loss: str, param: str, extra:
 class Bench:
     def __init__(self, out: Path, device: str, sizes: dict):
         self.out, self.device, self.z = out, device, sizes
+        # Every Linear and Conv2d layer rounded (target generic), as when results/bench/calibrate was measured: the
+        # 0.5 bit-operations budget then leaves room for fp32 steps (under target torchao only Linear layers
+        # quantize, and even all-w4a4 costs more than half of fp32).
         self.session = open_session(RunSettings(steps=max(sizes["steps"]), precisions=LEVELS, reference=REFERENCE,
                                                 samples=sizes["headline_samples"], seed=0, device=device,
-                                                batch_size=sizes["batch"]), metrics=False)
+                                                batch_size=sizes["batch"]), metrics=False,
+                                    menu=Menu(levels=load_menu().levels, target="generic"))
         self.objectives = {}
         self.runners: dict[int, Runner] = {}
 
@@ -108,8 +115,7 @@ class Bench:
         return Runner(s.model, s.bank, steps, eval_set or self.eval_set(steps), self.z["batch"], s.settings.call_kwargs)
 
     def level_costs(self) -> dict[str, float]:
-        if not self.session.bank._macs:  # the bank measures MACs during its first denoiser call
-            self.runner(1, EvalSet(("bag",), (0,))).run([REFERENCE])
+        # The session's bank was built from one recorded denoiser call: its MAC counts are known.
         return {lv: c["bops"] for lv, c in self.session.bank.level_costs().items()}
 
     def path(self, name: str) -> Path:
@@ -285,7 +291,7 @@ class Bench:
 
     def evaluate_all(self) -> None:
         data = self.load_calibrations()
-        fd_metric = M.JudgeFrechetDistance(device=self.device)
+        fd_metric = DM.JudgeFrechetDistance(device=self.device)
         fd_metric.bootstrap_rounds = self.z["fd_rounds"]
         self.lpips = self.objective("reference").lpips
         self.mu, self.sigma = fd_metric.reference_stats()
@@ -345,7 +351,7 @@ class Bench:
                                 row["lpips"], seconds)
                 if n_run == big:
                     ok = torch.tensor([p is None for p in result.problems])
-                    images_u8[name] = M.FidMetric.to_uint8(result.images[ok])[..., 0]
+                    images_u8[name] = DM.FidMetric.to_uint8(result.images[ok])[..., 0]
             write_csv(path, pd.DataFrame(rows))
             with atomic_path(self.path("images")) as tmp:
                 with open(tmp, "wb") as fh:
@@ -385,7 +391,7 @@ class Bench:
         BEAT = {**globals()["BEAT"], **self.z.get("beat", {})}  # noqa: N806 (the quick sizes override)
         path = self.out / FILES["beat_json"]
         data = json.loads(path.read_text()) if path.is_file() else {"settings": BEAT, "studies": {}}
-        fd_metric = M.JudgeFrechetDistance(device=self.device)
+        fd_metric = DM.JudgeFrechetDistance(device=self.device)
         fd_metric.bootstrap_rounds = self.z["fd_rounds"]
         self.fd_metric, self.lpips = fd_metric, self.objective("reference").lpips
         self.mu, self.sigma = fd_metric.reference_stats()
@@ -435,7 +441,7 @@ class Bench:
                 row["seeds"] = f"{BEAT['confirm_seed']}..{BEAT['confirm_seed'] + BEAT['confirm_samples'] - 1}"
                 rows.append(row)
                 ok = torch.tensor([p is None for p in result.problems])
-                images_u8[f"beat|{name}"] = M.FidMetric.to_uint8(result.images[ok])[..., 0]
+                images_u8[f"beat|{name}"] = DM.FidMetric.to_uint8(result.images[ok])[..., 0]
                 with atomic_path(images_path) as tmp:
                     with open(tmp, "wb") as fh:
                         np.savez_compressed(fh, names=np.array(list(images_u8)),
@@ -467,13 +473,13 @@ def paired_fd_delta(a, b, mu, sigma, rounds: int, seed: int = 0):
     common = np.intersect1d(ia, ib)
     fa = fa[np.searchsorted(ia, common)]
     fb = fb[np.searchsorted(ib, common)]
-    root, trace = M._sqrt_psd(sigma), float(np.trace(sigma))
-    value = M.frechet_from_features(fa, mu, sigma) - M.frechet_from_features(fb, mu, sigma)
+    root, trace = DM.sqrt_psd(sigma), float(np.trace(sigma))
+    value = DM.frechet_from_features(fa, mu, sigma) - DM.frechet_from_features(fb, mu, sigma)
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(rounds):
         idx = rng.integers(0, len(common), len(common))
-        draws.append(M.frechet_eig(fa[idx], mu, root, trace) - M.frechet_eig(fb[idx], mu, root, trace))
+        draws.append(DM.frechet_eig(fa[idx], mu, root, trace) - DM.frechet_eig(fb[idx], mu, root, trace))
     half = float(stats.norm.ppf(0.975) * np.std(draws, ddof=1)) if rounds >= 2 else math.nan
     return value, value - half, value + half
 
@@ -492,7 +498,7 @@ def fid_phase(out: Path, rounds: int, weights_dir: str | None, part: str = "*", 
     paths = sorted(out.glob(FILES["images"].format(part=part)))
     if not paths:
         raise SystemExit(f"no {FILES['images'].format(part='*')} in {out}: run --phase evaluate first")
-    fid = M.FidMetric(weights_dir=weights_dir)
+    fid = DM.FidMetric(weights_dir=weights_dir)
     fid.bootstrap_rounds = rounds
     fid.reference_stats()
     for path in paths:

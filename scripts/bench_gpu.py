@@ -33,10 +33,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qsched_search.backends import RealKernelBank  # noqa: E402
-from qsched_search.precisions import Level, Menu  # noqa: E402
-from qsched_search.profile import environment, profile_bank, summarise, write_csv  # noqa: E402
-from qsched_search.schedule import cost_of  # noqa: E402
+from qsched_search.quant.latency import environment, profile_bank, summarise, write_csv  # noqa: E402
+from qsched_search.quant.levels import Level, Menu  # noqa: E402
+from qsched_search.quant.torchao_bank import RealKernelBank  # noqa: E402
+from qsched_search.results.schedule import cost_of  # noqa: E402
 
 logger = logging.getLogger("bench_gpu")
 DEVICE = "cuda"  # --device cpu runs the tiny configs here, to check the script without a GPU
@@ -77,7 +77,7 @@ LEVELS = {
     "fp8t": Level("fp8t", "float8", 8, 8, "per_tensor", "per_tensor", dtype="float8_e4m3fn"),
     "w8a8": Level("w8a8", "int", 8, 8),
     "w8a16": Level("w8a16", "int", 8, 16),
-    "w4a16": Level("w4a16", "int", 4, 16),
+    "w4a16": Level("w4a16", "int", 4, 16, "per_group", group_size=128),  # tinygemm: groups of 128 input features
 }
 
 

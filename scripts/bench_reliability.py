@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from qsched_search.io import write_csv, write_json, write_text  # noqa: E402
-from qsched_search.provenance import command_line, device_name, now, versions  # noqa: E402
+from qsched_search.results.io import write_csv, write_json, write_text  # noqa: E402
+from qsched_search.results.provenance import command_line, device_name, now, versions  # noqa: E402
 from tests.faults import FAULTS, run_baseline, run_fault  # noqa: E402
 from tests.reliability import SPACE, TINY, front, kill_and_rerun, measured_once, run_search  # noqa: E402
 

@@ -40,20 +40,21 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 import optuna  # noqa: E402
 import torch  # noqa: E402
 
 from qsched_search.errors import QschedError  # noqa: E402
-from qsched_search.evaluate import Evaluation  # noqa: E402
-from qsched_search.io import save_figure, write_csv, write_json  # noqa: E402
-from qsched_search.metrics import Estimate  # noqa: E402
-from qsched_search.paths import REPO_DIR  # noqa: E402
-from qsched_search.probe import PROBE_COLUMNS  # noqa: E402
-from qsched_search.provenance import command_line, device_name, now, versions  # noqa: E402
-from qsched_search.search import (CostTable, ScheduleSearch, additive_front, additive_model, schedule_key,  # noqa: E402
-                                  warm_start_schedules)
+from qsched_search.quant.costs import CostTable  # noqa: E402
+from qsched_search.quant.levels import Menu, load_menu  # noqa: E402
+from qsched_search.results.io import save_figure, write_csv, write_json, write_text  # noqa: E402
+from qsched_search.results.provenance import command_line, device_name, now, versions  # noqa: E402
+from qsched_search.results.records import Estimate, Measurement  # noqa: E402
+from qsched_search.results.tables import PROBE_COLUMNS, schedule_key  # noqa: E402
+from qsched_search.search.priors import additive_front, additive_model, warm_start_schedules  # noqa: E402
+from qsched_search.search.study import ScheduleSearch  # noqa: E402
 from qsched_search.session import RunSettings  # noqa: E402
 
 logger = logging.getLogger("bench_search")
@@ -81,6 +82,7 @@ class Table:
 
     def __init__(self, space: Space, out: Path):
         self.space = space
+        self.out = out
         self.path = out / f"evals_{space.name}.csv"
         self.rows: dict[str, dict] = {}
         if self.path.is_file():
@@ -92,9 +94,16 @@ class Table:
     @property
     def session(self):
         if self._session is None:
-            from qsched_search.search import open_search_session
+            import yaml
 
-            settings = RunSettings(steps=self.space.steps, precisions=self.space.precisions, samples=self.space.samples)
+            from qsched_search.search.stage import open_search_session
+
+            # The recorded tables (results/bench/evals_*.csv) were measured with every Linear and Conv2d layer
+            # rounded: target generic, so that a rerun measures the same space and reuses them.
+            menu = self.out / "menu_generic.yaml"
+            write_text(menu, yaml.safe_dump(Menu(levels=load_menu().levels, target="generic").to_dict(), sort_keys=False))
+            settings = RunSettings(steps=self.space.steps, precisions=self.space.precisions, samples=self.space.samples,
+                                   menu=str(menu))
             self._session = open_search_session(settings, "lpips")
             self._session.evaluator.timesteps  # the all-fp32 run, the baseline
         return self._session
@@ -118,11 +127,11 @@ class Table:
                 pd.DataFrame([row]).to_csv(f, header=new, index=False)
         return self.rows[key]
 
-    def evaluation(self, levels: tuple[str, ...]) -> Evaluation:
+    def evaluation(self, levels: tuple[str, ...]) -> Measurement:
         row = self.measure(levels)
         if row["fail_reason"] and isinstance(row["fail_reason"], str):
-            return Evaluation(tuple(levels), [], {}, fail_reason=row["fail_reason"])
-        return Evaluation(tuple(levels), [], {"lpips": Estimate(row["value"], row["ci_low"], row["ci_high"], int(row["n"]))})
+            return Measurement(fail_reason=row["fail_reason"])
+        return Measurement(estimates={"lpips": Estimate(row["value"], row["ci_low"], row["ci_high"], int(row["n"]))})
 
 
 def probe_frame(table: Table) -> tuple[pd.DataFrame, list[tuple[str, ...]]]:
@@ -219,8 +228,8 @@ def run_method(method: str, seed: int, table: Table, costs: CostTable, budget: f
         known = {}
         for levels in probe_order:
             r = table.measure(levels)
-            known[schedule_key(levels)] = {"estimates": {"lpips": [r["value"], r["ci_low"], r["ci_high"], int(r["n"])]},
-                                           "timesteps": [], "unhealthy_images": 0, "fail_reason": None, "origin": "probe"}
+            known[schedule_key(levels)] = Measurement(
+                estimates={"lpips": Estimate(r["value"], r["ci_low"], r["ci_high"], int(r["n"]))}, origin="probe")
         warm = warm_start_schedules(space.precisions, "fp32", space.steps, costs.model("bops"), budget, model)
 
     def evaluate(levels):
@@ -362,7 +371,7 @@ def time_cli(out: Path, log, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(REPO_DIR / "results" / "bench"))
+    parser.add_argument("--out", default=str(REPO / "results" / "bench"))
     parser.add_argument("--only", choices=sorted(SPACES), default=None)
     parser.add_argument("--seeds", type=int, default=5, help="Seeds per stochastic method (4x4); 8x3 uses min(3, seeds).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 behaves best on a shared 2-core machine).")

@@ -26,19 +26,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_embedded import DDIM_STEPS, GUIDANCE, SCHEDULER_KW, sample_images  # noqa: E402
 
-from qsched_search import metrics as M  # noqa: E402
 from qsched_search.embedded.vocab import CLASS_NAMES  # noqa: E402
-from qsched_search.io import atomic_path, write_text  # noqa: E402
-from qsched_search.paths import EMBEDDED_JUDGE_DIR, EMBEDDED_MODEL_DIR, REPO_DIR  # noqa: E402
-from qsched_search.provenance import command_line, device_name, now, versions  # noqa: E402
-from qsched_search.weights import sha256_file  # noqa: E402
+from qsched_search.eval import distribution_metrics as DM  # noqa: E402
+from qsched_search.eval import metrics as M  # noqa: E402
+from qsched_search.eval.weights import sha256_file  # noqa: E402
+from qsched_search.resources import EMBEDDED_JUDGE_DIR, EMBEDDED_MODEL_DIR  # noqa: E402
+from qsched_search.results.io import atomic_path, write_text  # noqa: E402
+from qsched_search.results.provenance import command_line, device_name, now, versions  # noqa: E402
 
-TEACHER_UNET = REPO_DIR / "results" / "embedded" / "teacher_unet"
+TEACHER_UNET = REPO / "results" / "embedded" / "teacher_unet"
 logger = logging.getLogger("eval_embedded")
 
 
@@ -69,7 +71,7 @@ def cached_samples(cache: Path, key: str, make) -> tuple[np.ndarray, np.ndarray]
     return images, labels
 
 
-def cached_inception(cache: Path, fid: M.FidMetric, images_u8: np.ndarray, what: str,
+def cached_inception(cache: Path, fid: DM.FidMetric, images_u8: np.ndarray, what: str,
                      chunk: int = 250) -> np.ndarray:
     """Inception features of uint8 (N, 28, 28) images, cached by the images', the network's and the recipe's hashes.
 
@@ -77,7 +79,7 @@ def cached_inception(cache: Path, fid: M.FidMetric, images_u8: np.ndarray, what:
     its output goes to a file).
     """
     digest = hashlib.sha256()
-    for part in (sha256_file(fid.inception_path).encode(), M.FID_PREPROCESSING.encode()):
+    for part in (sha256_file(fid.inception_path).encode(), DM.FID_PREPROCESSING.encode()):
         digest.update(part)
     recipe = digest.hexdigest()[:12]
     parts = []
@@ -107,9 +109,9 @@ def main() -> None:
     parser.add_argument("--steps", default="1,2,4,8", help="student step counts")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-fid", action="store_true", help="skip FID (slow on CPU)")
-    parser.add_argument("--cache", type=Path, default=REPO_DIR / "build" / "eval_embedded",
+    parser.add_argument("--cache", type=Path, default=REPO / "build" / "eval_embedded",
                         help="samples and Inception features by content hash")
-    parser.add_argument("--out", type=Path, default=REPO_DIR / "results" / "embedded")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "embedded")
     parser.add_argument("--weights-dir", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
@@ -136,7 +138,7 @@ def main() -> None:
         logger.info("%s, %d steps: %d samples (%.0f s)", label, steps, len(images), time.time() - t0)
         configs.append((label, steps, guidance, images, labels))
     # The noise floor: real training images (disjoint from the test set the distances are measured against).
-    train_images, train_labels = M.load_fashion_mnist("train")
+    train_images, train_labels = DM.load_fashion_mnist("train")
     configs.append(("real Fashion-MNIST (train[:n])", 0, float("nan"), train_images[: args.samples],
                     train_labels[: args.samples]))
 
@@ -187,9 +189,9 @@ def main() -> None:
     four = frame[(frame["model"] == "LCM student") & (frame["steps"] == 4)]
     lines = ["# Embedded model: quality by step count", ""]
     lines += [f"- {line}" for line in header[1:]]
-    lines += [f"- metric preprocessing: judge: {M.JUDGE_PREPROCESSING}"]
+    lines += [f"- metric preprocessing: judge: {DM.JUDGE_PREPROCESSING}"]
     if "fid" in names:
-        lines += [f"- FID: {M.FID_PREPROCESSING}; {metric['fid'].bootstrap_rounds} bootstrap rounds"]
+        lines += [f"- FID: {DM.FID_PREPROCESSING}; {metric['fid'].bootstrap_rounds} bootstrap rounds"]
     columns = ["model", "steps", "alignment accuracy (judge_acc)", "judge FD"] + (["FID"] if "fid" in names else [])
     columns.append("alignment / judge test acc.")
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -18,11 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qsched_search.io import atomic_path  # noqa: E402
-from qsched_search.metrics import FASHION_MNIST_DIR, JudgeFrechetDistance, load_fashion_mnist  # noqa: E402
-from qsched_search.paths import EMBEDDED_JUDGE_DIR  # noqa: E402
-from qsched_search.provenance import now, versions  # noqa: E402
-from qsched_search.weights import sha256_file  # noqa: E402
+from qsched_search.eval.distribution_metrics import FASHION_MNIST_DIR, JudgeFrechetDistance, load_fashion_mnist  # noqa: E402
+from qsched_search.eval.weights import sha256_file  # noqa: E402
+from qsched_search.resources import EMBEDDED_JUDGE_DIR  # noqa: E402
+from qsched_search.results.io import atomic_path  # noqa: E402
+from qsched_search.results.provenance import now, versions  # noqa: E402
 
 
 def main() -> None:

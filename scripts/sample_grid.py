@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from qsched_search.embedded.vocab import CLASS_NAMES  # noqa: E402
-from qsched_search.io import save_figure  # noqa: E402
-from qsched_search.paths import EMBEDDED_MODEL_DIR, REPO_DIR  # noqa: E402
+from qsched_search.resources import EMBEDDED_MODEL_DIR  # noqa: E402
+from qsched_search.results.io import save_figure  # noqa: E402
 
 
 @torch.no_grad()
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument("--steps", default="1,2,4,8")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=REPO_DIR / "results" / "embedded" / "samples_grid.png")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "embedded" / "samples_grid.png")
     args = parser.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -18,12 +18,13 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from qsched_search.paths import EMBEDDED_MODEL_DIR
+from qsched_search.resources import EMBEDDED_MODEL_DIR
 from tests.reliability import front, leftovers, measured_once
 
-# 1 step x {fp32, w8a8, w4a4} = 3 schedules; 2 samples; SSIM needs no metric weights.
+# 1 step x {fp32, w8a8, w4a4} = 3 schedules; 2 samples; SSIM needs no metric weights; a budget every level fits in
+# (with only its Linear layers quantized, w4a4 costs ~0.66 of fp32).
 SEARCH = ["search", "--steps", "1", "--precisions", "w8a8,w4a4", "--samples", "2", "--objective", "ssim",
-          "--images", "0", "--sampler", "exhaustive"]
+          "--images", "0", "--sampler", "exhaustive", "--budget", "0.9"]
 PROBE = ["probe", "--steps", "1", "--precisions", "w8a8,w4a4", "--samples", "2", "--metrics", "ssim"]
 SCHEDULES = 3
 
@@ -76,17 +77,18 @@ def _baseline_schedule(baseline: Path, edit: Callable[[dict], None]) -> str:
 
 
 def _levels_nan(value: float, level: str):
-    """Patches the bank's weight rounding so that `level` makes weights of `value` (NaN or inf)."""
+    """Patches the simulation's weight rounding so that `level` makes weights of `value` (NaN or inf); `level` must
+    be one without a torchao kernel, which the simulation rounds with the generic recipe."""
     def inject(folder: Path, patch) -> list[str]:
-        from qsched_search import bank
+        from qsched_search.quant import sim_bank
 
-        original = bank.quantize_weight
+        original = sim_bank.quantize_weight
 
         def broken(weight, lv):
             out = original(weight, lv)
             return out.fill_(value) if lv.name == level else out
 
-        patch.setattr(bank, "quantize_weight", broken)
+        patch.setattr(sim_bank, "quantize_weight", broken)
         return []
     return inject
 
@@ -108,15 +110,15 @@ def _disk_full(folder: Path, patch) -> list[str]:
 def _ctrl_c_after(calls: int):
     """Ctrl-C (KeyboardInterrupt, what SIGINT raises) during the evaluation after `calls` finished ones."""
     def inject(folder: Path, patch) -> list[str]:
-        from qsched_search import evaluate
+        from qsched_search.eval import evaluate
 
         original, count = evaluate.ScheduleEvaluator.evaluate, [0]
 
-        def interrupted(self, levels):
+        def interrupted(self, levels, **kwargs):
             count[0] += 1
             if count[0] > calls:
                 raise KeyboardInterrupt
-            return original(self, levels)
+            return original(self, levels, **kwargs)
 
         patch.setattr(evaluate.ScheduleEvaluator, "evaluate", interrupted)
         return []

@@ -7,18 +7,26 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.conftest import build_tiny_sd_pipeline
-from qsched_search.backends import RealKernelBank, kernel_for, real_kernel_levels, tensor_bytes
 from qsched_search.errors import QschedError
-from qsched_search.precisions import Level, Menu, load_menu
+from qsched_search.quant.backends import check_levels, resolve_backend
+from qsched_search.quant.bank import installed_bank
+from qsched_search.quant.kernels import kernel_for, real_kernel_levels
+from qsched_search.quant.levels import Level, Menu, load_menu
+from qsched_search.quant.torchao_bank import RealKernelBank, tensor_bytes
+from tests.helpers import build_tiny_sd_pipeline
 
 SD_EXCLUDE = ["conv_in", "conv_out", "time_embedding.*"]
 
 
 def _menu(**extra) -> Menu:
     levels = dict(load_menu().levels)
-    levels.update({"ref2": Level("ref2", "reference", 32, 32), "w8a16": Level("w8a16", "int", 8, 16), **extra})
+    levels.update({"ref2": Level("ref2", "reference", 32, 32), **extra})
     return Menu(levels=levels, source="test")
+
+
+def _restored(unet) -> bool:
+    """The bank is gone and the denoiser calls its own class's forward again."""
+    return installed_bank(unet) is None and unet.forward.__func__ is type(unet).forward
 
 
 def _unet_inputs(unet, batch: int = 1):
@@ -29,18 +37,32 @@ def _unet_inputs(unet, batch: int = 1):
 
 def test_levels_without_a_real_kernel_fail_with_the_fix():
     menu = _menu()
-    assert kernel_for(menu["fp32"], torch.bfloat16).is_identity
-    assert kernel_for(menu["bf16"], torch.bfloat16).is_identity  # a cast to the pipeline's own dtype is no change
+    assert kernel_for(menu["fp32"], "bfloat16").is_identity
+    assert kernel_for(menu["bf16"], "bfloat16").is_identity  # a cast to the pipeline's own dtype is no change
     for name in ("w4a4", "w4a8", "w2a8"):
-        with pytest.raises(QschedError, match=f"precision level '{name}'.*has no real kernel.*fake-quant"):
-            kernel_for(menu[name], torch.bfloat16)
-    with pytest.raises(QschedError, match="precision level 'fp16'.*no real kernel"):
-        kernel_for(menu["fp16"], torch.bfloat16)
+        with pytest.raises(QschedError, match=f"precision level '{name}'.*has no kernel on backend torchao.*--backend sim"):
+            kernel_for(menu[name], "bfloat16")
+    with pytest.raises(QschedError, match="precision level 'fp16'.*has no kernel on backend torchao"):
+        kernel_for(menu["fp16"], "bfloat16")
+    # The same check before anything loads, for the torchao backend only (the simulation runs every level).
+    with pytest.raises(QschedError, match="'w4a4'.*has no kernel on backend torchao"):
+        check_levels("torchao", menu, ["fp32", "w8a8", "w4a4"], "bfloat16")
+    check_levels("sim", menu, ["fp32", "w8a8", "w4a4"], "bfloat16")
+
+
+def test_backend_names_resolve_by_device():
+    assert resolve_backend("auto", "cpu") == "sim" and resolve_backend("auto", "cuda:0") == "torchao"
+    assert resolve_backend("sim", "cuda") == "sim"
+    with pytest.raises(QschedError, match="--backend torchao runs torchao's GPU kernels and needs --device cuda"):
+        resolve_backend("torchao", "cpu")
+    with pytest.raises(QschedError, match="--backend 'fake-quant' is not one of auto, sim, torchao"):
+        resolve_backend("fake-quant", "cpu")
 
 
 def test_real_kernel_levels_of_the_default_menu():
     pytest.importorskip("torchao")
-    assert real_kernel_levels(load_menu(), torch.bfloat16) == ["fp32", "bf16", "fp8", "w8a8", "w4a16"]
+    assert real_kernel_levels(load_menu(), "bfloat16") == ["fp32", "bf16", "fp8", "w8a8", "w8a16", "w4a16"]
+    assert real_kernel_levels(load_menu(), "float32") == ["fp32", "fp8", "w8a8", "w8a16"]  # tinygemm needs bf16
 
 
 def test_kernel_configs_follow_the_level_granularity():
@@ -50,19 +72,23 @@ def test_kernel_configs_follow_the_level_granularity():
 
     menu = _menu(fp8t=Level("fp8t", "float8", 8, 8, "per_tensor", "per_tensor", dtype="float8_e4m3fn"),
                  fp8mixed=Level("fp8mixed", "float8", 8, 8, "per_channel", "per_tensor", dtype="float8_e4m3fn"))
-    fp8 = kernel_for(menu["fp8"], torch.bfloat16)
-    assert isinstance(fp8.config, Float8DynamicActivationFloat8WeightConfig) and fp8.quantizes_activations
-    assert all(isinstance(g, PerRow) for g in fp8.config.granularity)
-    assert all(isinstance(g, PerTensor) for g in kernel_for(menu["fp8t"], torch.bfloat16).config.granularity)
+    fp8 = kernel_for(menu["fp8"], "bfloat16")
+    assert isinstance(fp8.config(), Float8DynamicActivationFloat8WeightConfig) and fp8.quantizes_activations
+    assert all(isinstance(g, PerRow) for g in fp8.config().granularity)
+    assert all(isinstance(g, PerTensor) for g in kernel_for(menu["fp8t"], "bfloat16").config().granularity)
     with pytest.raises(QschedError, match="same granularity"):
-        kernel_for(menu["fp8mixed"], torch.bfloat16)
-    assert isinstance(kernel_for(menu["w8a8"], torch.bfloat16).config, Int8DynamicActivationInt8WeightConfig)
-    w8a16 = kernel_for(menu["w8a16"], torch.bfloat16)
-    assert isinstance(w8a16.config, Int8WeightOnlyConfig) and not w8a16.quantizes_activations
-    w4 = kernel_for(menu["w4a16"], torch.bfloat16)
-    assert isinstance(w4.config, Int4WeightOnlyConfig) and w4.config.int4_packing_format == "tile_packed_to_4d"
+        kernel_for(menu["fp8mixed"], "bfloat16")
+    assert isinstance(kernel_for(menu["w8a8"], "bfloat16").config(), Int8DynamicActivationInt8WeightConfig)
+    w8a16 = kernel_for(menu["w8a16"], "bfloat16")
+    assert isinstance(w8a16.config(), Int8WeightOnlyConfig) and not w8a16.quantizes_activations
+    w4 = kernel_for(menu["w4a16"], "bfloat16")
+    assert isinstance(w4.config(), Int4WeightOnlyConfig) and w4.config().int4_packing_format == "tile_packed_to_4d"
+    assert w4.config().group_size == 128 and (w4.in_multiple, w4.out_multiple) == (128, 8)
     with pytest.raises(QschedError, match="needs a bfloat16 pipeline"):
-        kernel_for(menu["w4a16"], torch.float32)
+        kernel_for(menu["w4a16"], "float32")
+    per_channel_int4 = Level("w4pc", "int", 4, 16)
+    with pytest.raises(QschedError, match="stores int4 in groups of 32, 64, 128, 256.*group_size: 128"):
+        kernel_for(per_channel_int4, "bfloat16")
 
 
 def test_bank_switches_forward_counts_calls_and_restores():
@@ -72,7 +98,8 @@ def test_bank_switches_forward_counts_calls_and_restores():
         before = unet(*args, **kwargs).sample
     bank = RealKernelBank(unet, _menu(), ["ref2"], "fp32", SD_EXCLUDE, compile="none")
     try:
-        assert bank.levels == ["fp32", "ref2"]
+        assert bank.levels == ["fp32", "ref2"] and installed_bank(unet) is bank
+        assert bank.quantized_layers == {"fp32": [], "ref2": []}  # a second reference level quantizes nothing
         assert bank.memory()["bank_extra_bytes"] == 0  # identity copies share every tensor with the denoiser
         with torch.no_grad():
             bank.set_level("ref2")
@@ -81,12 +108,14 @@ def test_bank_switches_forward_counts_calls_and_restores():
         torch.testing.assert_close(out, before)
         with pytest.raises(QschedError, match="precision 'w8a8' is in the menu but this bank built only fp32, ref2"):
             bank.set_level("w8a8")
-        with pytest.raises(QschedError, match="already has a real-kernel bank"):
+        with pytest.raises(QschedError, match="already has a precision bank installed"):
             RealKernelBank(unet, _menu(), [], "fp32")
     finally:
         bank.remove()
-    assert "forward" not in unet.__dict__
-    with pytest.raises(QschedError, match="reference level 'w8a8' would quantize"):
+    assert _restored(unet)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(*args, **kwargs).sample, before)
+    with pytest.raises(QschedError, match="reference level 'w8a8' would round the pipeline"):
         RealKernelBank(unet, _menu(), [], "w8a8")
     with pytest.raises(QschedError, match="compile='eager' is not one of"):
         RealKernelBank(unet, _menu(), [], "fp32", compile="eager")
@@ -107,12 +136,23 @@ def test_int8_levels_quantize_only_eligible_layers_and_share_the_rest():
         ref = unet(*args, **kwargs).sample
     menu = _menu(bf16ref=Level("bf16ref", "reference", 16, 16))
     bank = RealKernelBank(unet, menu, ["w8a8", "w8a16"], "bf16ref", SD_EXCLUDE, compile="none",
-                          calibration=(args, kwargs), min_rows=32)
+                          calibration=(args, kwargs))
     try:
         w8a8, w8a16 = set(bank.quantized_layers["w8a8"]), set(bank.quantized_layers["w8a16"])
         assert w8a8 and w8a8 < w8a16  # activation-quantized levels skip the per-sample conditioning projections
         assert not any(name.endswith("time_emb_proj") for name in w8a8)
         assert not any(name.startswith("time_embedding") for name in w8a16)
+        # The simulation picks the same layers by the same rule.
+        from qsched_search.quant.sim_bank import SimulatedBank
+
+        real_layers = dict(bank.quantized_layers)
+        bank.remove()
+        sim = SimulatedBank(unet, menu, ["w8a8", "w8a16"], "bf16ref", SD_EXCLUDE, compile="none",
+                            calibration=(args, kwargs))
+        assert sim.quantized_layers == real_layers
+        sim.remove()
+        bank = RealKernelBank(unet, menu, ["w8a8", "w8a16"], "bf16ref", SD_EXCLUDE, compile="none",
+                              calibration=(args, kwargs))
         memory = bank.memory()
         assert memory["per_level_extra_bytes"]["bf16ref"] == 0
         # int8 weights (1 byte) + per-channel scales, against 2 bytes per bf16 weight: about half the Linear bytes.
@@ -147,11 +187,11 @@ def test_regional_compile_quantizes_only_the_repeated_blocks():
 
 def test_profile_command_writes_a_profile_that_search_reads(tiny_sd_folder, tmp_path):
     from qsched_search.cli.app import app
-    from qsched_search.search import load_latency_profile
+    from qsched_search.quant.costs import load_latency_profile
 
     out = tmp_path / "latency.csv"
     result = CliRunner().invoke(app, ["profile", "--model", str(tiny_sd_folder), "--device", "cpu", "--dtype", "float32",
-                                      "--backend", "fake-quant", "--precisions", "w8a8,w4a4", "--batch", "2",
+                                      "--backend", "sim", "--precisions", "w8a8,w4a4", "--batch", "2",
                                       "--resolution", "32", "--repeats", "2", "--warmup", "0", "--out", str(out)])
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(out)
@@ -159,6 +199,7 @@ def test_profile_command_writes_a_profile_that_search_reads(tiny_sd_folder, tmp_
     for col in ("ms_per_step", "ms_p10", "ms_p90", "batch", "resolution", "device", "compile_s", "denoiser_bytes"):
         assert col in frame.columns
     assert (frame["batch"] == 2).all() and (frame["resolution"] == 32).all() and (frame["ms_per_step"] > 0).all()
+    assert (frame["backend"] == "sim").all() and frame["kernel"].iloc[0].startswith("none")
     costs = load_latency_profile(out, ["w8a8", "w4a4"], "fp32")
     assert costs["fp32"] == 1.0 and costs["w8a8"] > 0
 
@@ -167,12 +208,16 @@ def test_profile_command_errors_are_one_line(tiny_sd_folder, tmp_path):
     from qsched_search.cli.app import app
 
     runner = CliRunner()
-    result = runner.invoke(app, ["profile", "--model", str(tiny_sd_folder), "--device", "cpu", "--backend", "fake-quant",
+    result = runner.invoke(app, ["profile", "--model", str(tiny_sd_folder), "--device", "cpu", "--backend", "sim",
                                  "--batch", "0", "--out", str(tmp_path / "x.csv")])
     assert result.exit_code == 2 and "--batch must be at least 1, got 0" in result.output
     result = runner.invoke(app, ["profile", "--model", str(tiny_sd_folder), "--device", "cpu", "--dtype", "float32",
-                                 "--precisions", "w4a4", "--out", str(tmp_path / "x.csv")])
-    assert result.exit_code == 2 and "has no real kernel" in result.output
+                                 "--backend", "torchao", "--precisions", "w4a4", "--out", str(tmp_path / "x.csv")])
+    assert result.exit_code == 2 and "--backend torchao runs torchao's GPU kernels and needs --device cuda" in result.output
+    result = runner.invoke(app, ["profile", "--model", str(tiny_sd_folder), "--device", "cpu", "--backend", "fake-quant",
+                                 "--out", str(tmp_path / "x.csv")])
+    assert result.exit_code == 2 and "fake-quant" in result.output
+    assert not (tmp_path / "x.csv").exists()
 
 
 @pytest.mark.gpu
@@ -184,7 +229,7 @@ def test_real_kernels_on_cuda_are_compiled_once_per_level():
     args, kwargs = _unet_inputs(unet, batch=2)
     args = tuple(a.to("cuda") for a in args)
     menu = _menu(bf16ref=Level("bf16ref", "reference", 16, 16))
-    bank = RealKernelBank(unet, menu, ["fp8", "w8a8"], "bf16ref", SD_EXCLUDE, calibration=(args, kwargs), min_rows=32)
+    bank = RealKernelBank(unet, menu, ["fp8", "w8a8"], "bf16ref", SD_EXCLUDE, calibration=(args, kwargs))
     try:
         bank.warm_up(*args, **kwargs)
         graphs = counters["stats"]["unique_graphs"]
@@ -201,11 +246,11 @@ def test_cuda_graphs_need_a_cuda_denoiser():
     unet = build_tiny_sd_pipeline().unet.eval()
     with pytest.raises(QschedError, match="cuda_graphs=True needs the denoiser on a CUDA device.*cuda_graphs=False"):
         RealKernelBank(unet, _menu(), [], "fp32", compile="none", cuda_graphs=True)
-    assert "forward" not in unet.__dict__  # nothing was installed
+    assert installed_bank(unet) is None and "forward" not in unet.__dict__  # nothing was installed
 
 
 def test_graph_cache_keys_by_shape_and_plain_values():
-    from qsched_search.backends.cuda_graphs import GraphCache
+    from qsched_search.quant.cuda_graphs import GraphCache
 
     cache = GraphCache()
     x = torch.zeros(2, 3)
@@ -227,7 +272,7 @@ def test_cuda_graph_replay_matches_direct_calls_across_switches(compile, levels)
     args = tuple(a.to("cuda") for a in args)
     menu = _menu(bf16ref=Level("bf16ref", "reference", 16, 16))
     bank = RealKernelBank(unet, menu, levels, "bf16ref", SD_EXCLUDE, compile=compile,
-                          calibration=(args, kwargs), min_rows=32, cuda_graphs=True)
+                          calibration=(args, kwargs), cuda_graphs=True)
     try:
         bank.warm_up(*args, **kwargs)
         assert bank.graphs.captures == len(bank.levels)
@@ -250,6 +295,6 @@ def test_cuda_graph_replay_matches_direct_calls_across_switches(compile, levels)
 def test_profile_cuda_graphs_need_torchao_on_cuda(tiny_sd_folder, tmp_path):
     from qsched_search.cli.app import app
 
-    result = CliRunner().invoke(app, ["profile", "--model", str(tiny_sd_folder), "--device", "cpu", "--backend", "fake-quant",
+    result = CliRunner().invoke(app, ["profile", "--model", str(tiny_sd_folder), "--device", "cpu", "--backend", "sim",
                                       "--cuda-graphs", "--out", str(tmp_path / "x.csv")])
     assert result.exit_code == 2 and "--cuda-graphs needs --backend torchao on a CUDA device" in result.output

@@ -37,7 +37,7 @@ def test_the_sdxl_builder_makes_a_pipeline_of_the_sdxl_family(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     from bench_multigpu import build_sdxl
 
-    from qsched_search.models import load_model
+    from qsched_search.pipeline.loading import load_model
 
     folder = build_sdxl(tmp_path / "sdxl", blocks=2, tiny=True)
     model = load_model(str(folder))

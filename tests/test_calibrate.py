@@ -12,13 +12,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qsched_search.calibrate import (CALIBRATION_SEED_OFFSET, COEFFICIENTS_FILE, TRIALS_FILE, CalibrationSettings,
-                                     ClipJaq, JudgeJaq, build_objective, calibrate, calibration_set,
-                                     coefficients_from_params, evaluations_to_reach)
-from qsched_search.coefficients import Coefficients
 from qsched_search.embedded.vocab import CLASS_NAMES
 from qsched_search.errors import QschedError
-from qsched_search.rollout import make_eval_set
+from qsched_search.eval.weights import weights_dir
+from qsched_search.pipeline.rollout import make_eval_set
+from qsched_search.results.coefficients import Coefficients
+from qsched_search.results.layout import ResultsDir
+from qsched_search.search.calibrate import (CALIBRATION_SEED_OFFSET, CalibrationSettings, ClipJaq, JudgeJaq,
+                                            build_objective, calibrate, calibration_set, coefficients_from_params,
+                                            evaluations_to_reach)
 
 
 def _app():
@@ -85,7 +87,7 @@ def test_jaq_needs_clip_outside_the_embedded_family():
 
 @pytest.fixture(scope="module")
 def fmnist():
-    from qsched_search.metrics import load_fashion_mnist
+    from qsched_search.eval.distribution_metrics import load_fashion_mnist
 
     try:
         images, labels = load_fashion_mnist("test")
@@ -273,7 +275,7 @@ def test_cli_errors_are_one_line(tmp_path, args, expected):
 
 @pytest.mark.slow
 def test_cli_calibrate_writes_a_schedule_that_loads(tmp_path):
-    from qsched_search.schedule import load_schedule
+    from qsched_search.results.schedule import load_schedule
 
     out = tmp_path / "uniform"
     args = ["calibrate", "--steps", "2", "--precision", "w4a4", "--calib-samples", "10", "--calib-prompts", "5",
@@ -285,8 +287,10 @@ def test_cli_calibrate_writes_a_schedule_that_loads(tmp_path):
     assert schedule.levels == ("w4a4", "w4a4") and schedule.budget == 1.0
     assert schedule.quality.metric == "calibration:jaq-judge" and schedule.quality.n == 10
     assert coeffs.calibration["prompts"] == sorted(CLASS_NAMES[:5])
-    assert json.loads((out / COEFFICIENTS_FILE).read_text()) == schedule.extras["coefficients"]
-    assert len(pd.read_csv(out / TRIALS_FILE)) == 2
+    assert json.loads(ResultsDir(out).coefficients.read_text()) == schedule.extras["coefficients"]
+    assert len(pd.read_csv(ResultsDir(out).calibration_trials_csv)) == 2
+    # The schedule records how its levels ran, so that generate quantizes the layers calibrated.
+    assert schedule.backend == "sim" and schedule.quantized_layers("w4a4")
     # Calibrating a schedule file keeps its fields and sets its coefficients.
     again = tmp_path / "again"
     result = CliRunner().invoke(_app(), ["calibrate", "--schedule", str(out / "schedule.json"), "--calib-samples",
@@ -297,20 +301,16 @@ def test_cli_calibrate_writes_a_schedule_that_loads(tmp_path):
     assert second.extras["coefficients"]["calibration"]["sampler"] == "random"
 
 
-@pytest.mark.skipif(not os.environ.get("CI") and not (
-    __import__("qsched_search.weights", fromlist=["x"]).weights_dir(None) / "alexnet.pth").is_file(),
-    reason="LPIPS weights not fetched; run `qsched weights fetch`")
+@pytest.mark.skipif(not os.environ.get("CI") and not (weights_dir(None) / "alexnet.pth").is_file(),
+                    reason="LPIPS weights not fetched; run `qsched weights fetch`")
 @pytest.mark.slow
 def test_reference_loss_runs_full_precision_once(embedded_session):
     s = embedded_session
-    calls = []
-    hook = s.bank.denoiser.register_forward_pre_hook(lambda *a: calls.append(s.bank.active))
-    try:
-        result = calibrate(s.runner, ["w4a4"] * 2, CalibrationSettings(loss="reference", trials=1,
-                           prompts=CLASS_NAMES, samples=6), build_objective("reference", "embedded"),
-                           eval_seeds=s.eval_set.seeds)
-    finally:
-        hook.remove()
-    assert calls.count("fp32") == 2  # one full-precision run of 2 steps, one batch
+    before = dict(s.bank.calls)  # denoiser calls per level, counted by the bank at the level each call ran at
+    result = calibrate(s.runner, ["w4a4"] * 2, CalibrationSettings(loss="reference", trials=1,
+                       prompts=CLASS_NAMES, samples=6), build_objective("reference", "embedded"),
+                       eval_seeds=s.eval_set.seeds)
+    assert s.bank.calls["fp32"] - before.get("fp32", 0) == 2  # one full-precision run of 2 steps, one batch
+    assert s.bank.calls["w4a4"] - before.get("w4a4", 0) == 2 * 2  # the identity and one trial
     assert result.coefficients.calibration["full_precision_inference"]
     assert "lpips" in result.trials and (result.trials.lpips >= 0).all()

@@ -12,9 +12,10 @@ from diffusers import (DDIMScheduler, EulerAncestralDiscreteScheduler, FlowMatch
                        HeunDiscreteScheduler, LCMScheduler, TCDScheduler)
 from diffusers.utils.torch_utils import randn_tensor
 
-from qsched_search.coefficients import (COEFFICIENTS_SCHEMA, AppliedCoefficients, Coefficients, apply_coefficients,
-                                        validate_coefficients_dict)
 from qsched_search.errors import QschedError
+from qsched_search.pipeline.coefficients import AppliedCoefficients, apply_coefficients
+from qsched_search.results.coefficients import COEFFICIENTS_SCHEMA, Coefficients, validate_coefficients_dict
+from tests.helpers import build_tiny_sd_pipeline
 
 COMMON = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -23,11 +24,15 @@ COMMON = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
 def test_ramp_is_the_published_linspace():
+    # Exactly the published code's float32 torch.linspace values (a float64 formula differs by ~4e-6, which bf16
+    # samplers amplify to whole ulps).
     c = Coefficients.from_ramp(0.9, 1.1, 4)
+    assert c.model_coeff == tuple(torch.linspace(0.9, 1, 4, dtype=torch.float32).tolist())
+    assert c.sample_coeff == tuple(torch.linspace(1.1, 1, 4, dtype=torch.float32).tolist())
     torch.testing.assert_close(torch.tensor(c.model_coeff, dtype=torch.float64), torch.linspace(0.9, 1, 4, dtype=torch.float64))
-    torch.testing.assert_close(torch.tensor(c.sample_coeff, dtype=torch.float64), torch.linspace(1.1, 1, 4, dtype=torch.float64))
     assert c.kind == "ramp" and c.ramp == (0.9, 1.1) and c.steps == 4
-    assert Coefficients.from_ramp(0.9, 1.1, 1).model_coeff == (0.9,)  # torch.linspace(m, 1, 1) == [m]
+    # torch.linspace(m, 1, 1) == [m], in float32
+    assert Coefficients.from_ramp(0.9, 1.1, 1).model_coeff == (torch.tensor(0.9, dtype=torch.float32).item(),)
 
 
 def test_identity_default_and_views():
@@ -258,8 +263,6 @@ def test_dict_section_is_accepted():
 
 @pytest.mark.parametrize("scheduler", ["euler-ancestral", "lcm"])
 def test_pipeline_with_coefficients_is_reproducible_and_restored(scheduler):
-    from tests.conftest import build_tiny_sd_pipeline
-
     pipe = build_tiny_sd_pipeline(scheduler)
     pipe.set_progress_bar_config(disable=True)
 

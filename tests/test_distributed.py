@@ -6,13 +6,13 @@ import os
 import signal
 import time
 from collections import Counter
-from types import SimpleNamespace
 
 import optuna
 import pytest
 
+from tests.helpers import REPO
 from tests.pg_server import PostgresServer, find_bin_dir
-from tests.reliability import SPACE, front, run_search, running_trial, start_search
+from tests.reliability import SPACE, TINY, env, front, measured_once, run_search, running_trial, start_search
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -74,10 +74,10 @@ def test_three_workers_on_postgres_one_killed_mid_trial(postgres, tmp_path):
 
 _WORKER = """
 import sys
-sys.path.insert(0, {tests!r})
+sys.path.insert(0, {repo!r})
 import optuna
 optuna.logging.set_verbosity(optuna.logging.ERROR)
-from test_search import FakeEvaluator, make_search
+from tests.helpers import FakeEvaluator, make_search
 fake = FakeEvaluator(delay=float(sys.argv[3]), log=sys.argv[2])
 make_search(fake.evaluate, steps=2, sampler=sys.argv[4], trials=int(sys.argv[5]), storage=sys.argv[1],
             warm_start=[(("w8a8",) * 2, "uniform"), (("w4a4",) * 2, "uniform")]).run()
@@ -90,10 +90,9 @@ def test_workers_on_one_sqlite_study_measure_each_schedule_once(tmp_path, sample
     schedule is measured by exactly one of them; the others reuse or wait for its result."""
     import subprocess
     import sys
-    from pathlib import Path
 
     storage, log = f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "evaluations.log"
-    script = _WORKER.format(tests=str(Path(__file__).resolve().parent))
+    script = _WORKER.format(repo=str(REPO))
     procs = [subprocess.Popen([sys.executable, "-c", script, storage, str(log), "0.05", sampler, str(trials)],
                               stderr=subprocess.PIPE) for _ in range(3)]
     for p in procs:
@@ -109,21 +108,48 @@ def test_workers_on_one_sqlite_study_measure_each_schedule_once(tmp_path, sample
     assert len(workers - {None}) >= 2, "the work was not shared"
 
 
-def test_worker_command_lines_carry_flags_without_values():
-    from qsched_search.distributed import worker_argv
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_local_workers_share_one_study_and_the_caller_writes_its_results(tmp_path):
+    """`qsched search --workers 2`: two `python -m qsched_search.search.worker SETTINGS.json` processes measure the
+    study, each schedule once, from settings files that hold exactly the command's settings; the command then writes
+    the results of the whole study, measuring nothing itself."""
+    import json
+    import subprocess
+    import sys
 
-    options = {"budget": "--budget", "with_coefficients": "--with-coefficients", "sampler": "--sampler", "out": "--out"}
-    sampler = SimpleNamespace(value="tpe")
-    params = {"budget": 0.5, "with_coefficients": True, "sampler": sampler, "out": "a", "unknown": 1}
-    assert worker_argv(params, options, {"out": "b"}) == ["--budget", "0.5", "--with-coefficients", "--sampler", "tpe", "--out", "b"]
-    assert worker_argv({**params, "with_coefficients": False}, options, {}) == ["--budget", "0.5", "--sampler", "tpe", "--out", "a"]
-    assert "--with-coefficients" not in worker_argv(params, options, {"with_coefficients": None})
+    from qsched_search.results.layout import ResultsDir
+    from qsched_search.search.stage import SearchSettings
+    from qsched_search.session import RunSettings
+
+    out = ResultsDir(tmp_path / "out")
+    done = subprocess.run([sys.executable, "-m", "qsched_search", "search", *TINY, "--workers", "2", "--out", str(out.root)],
+                          env=env(), capture_output=True, text=True, timeout=560)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "0 new evaluations" in done.stdout + done.stderr  # the caller only wrote the files
+    for k in range(2):
+        worker = out.worker(k)
+        spec = json.loads((worker.root / "settings.json").read_text())
+        run = spec["run"]
+        settings = RunSettings(**{**run, **{key: tuple(run[key]) for key in ("precisions", "prompts", "metrics")}})
+        assert settings.steps == 2 and settings.precisions == ("w8a8", "w4a4") and settings.samples == 2
+        assert settings.backend == "sim" and settings.metrics == ()
+        search = SearchSettings(**spec["search"])
+        assert search.objective == "ssim" and search.budget == 0.9 and search.sampler == "exhaustive"
+        assert search.images == 0 and search.storage == f"sqlite:///{out.study_db.resolve()}"
+        assert spec["out"] == str(worker.root)
+        assert "worker done" in worker.log.read_text()
+    assert measured_once(out.trials_csv) == (SPACE, 0)
+    reference = run_search("--out", str(tmp_path / "single"))
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    assert front(out.pareto_csv) == front(tmp_path / "single" / "pareto.csv")
+    assert out.schedule.is_file()
 
 
 _POPPER = """
 import sys
 import optuna
-from qsched_search.search import open_storage
+from qsched_search.search.storage import open_storage
 storage, _, _ = open_storage(sys.argv[1])
 study = optuna.load_study(study_name="queue", storage=storage)
 popped = []
@@ -139,7 +165,7 @@ def test_a_queued_trial_on_sqlite_is_popped_by_one_process_only(tmp_path):
     import subprocess
     import sys
 
-    from qsched_search.search import open_storage
+    from qsched_search.search.storage import open_storage
 
     url = f"sqlite:///{tmp_path / 'queue.db'}"
     study = optuna.create_study(study_name="queue", storage=open_storage(url)[0])

@@ -10,8 +10,8 @@ import torch
 from qsched_search.embedded.judge import load_judge
 from qsched_search.embedded.vocab import CLASS_NAMES, build_clip_tokenizer
 from qsched_search.errors import QschedError
-from qsched_search.models import load_model
-from qsched_search.paths import EMBEDDED_JUDGE_DIR, EMBEDDED_MODEL_DIR
+from qsched_search.pipeline.loading import load_model
+from qsched_search.resources import EMBEDDED_JUDGE_DIR, EMBEDDED_MODEL_DIR
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import build_tiny_sd_pipeline
-from qsched_search.bank import PrecisionBank
 from qsched_search.errors import QschedError
-from qsched_search.families import detect_family, load_family
-from qsched_search.models import load_model
-from qsched_search.precisions import load_menu
-from qsched_search.rollout import Runner, make_eval_set
+from qsched_search.pipeline.families import detect_family, load_family
+from qsched_search.pipeline.loading import load_model
+from qsched_search.pipeline.rollout import Runner, make_eval_set
+from qsched_search.quant.bank import default_compile
+from qsched_search.quant.levels import load_menu
+from qsched_search.quant.sim_bank import SimulatedBank
+from qsched_search.quant.targets import repeated_block_prefixes
+from tests.helpers import build_tiny_sd_pipeline
 
 SD_COMMON = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -133,9 +135,15 @@ def test_family_loads_by_path_and_switches_per_step(family, family_folders):
     assert model.family.family == family
     assert type(model.denoiser).__name__ == denoiser_cls
     menu = load_menu()
-    bank = PrecisionBank(model.denoiser, menu, ["w4a4"], "fp32", list(model.family.exclude))
+    bank = SimulatedBank(model.denoiser, menu, ["w4a4"], "fp32", list(model.family.exclude))
     try:
         assert not any(name in bank.layers for name in ("conv_in", "conv_out", "x_embedder", "proj_out"))
+        # Target torchao: Linear layers only, and with the regional compile the model declares, only inside its
+        # repeated blocks.
+        quantized = bank.quantized_layers["w4a4"]
+        assert quantized and all(type(bank.layers[n].inner).__name__ == "Linear" for n in quantized)
+        assert bank.compile == default_compile(model.denoiser) == "regional"
+        assert all(n.startswith(repeated_block_prefixes(model.denoiser)) for n in quantized)
         runner = Runner(model, bank, steps=2, eval_set=make_eval_set(["sneaker", "bag"], 2, seed=3),
                         call_kwargs=call_kwargs)
         bank.calls.clear()
@@ -189,8 +197,8 @@ def test_make_scheduler_builds_the_family_scheduler_and_check_warns(caplog):
 
 
 def test_apply_schedule_on_flux_picks_levels_by_unscaled_timestep(family_folders):
-    from qsched_search.apply import apply_schedule
-    from qsched_search.schedule import Quality, Schedule
+    from qsched_search.pipeline.apply import apply_schedule
+    from qsched_search.results.schedule import Quality, Schedule
 
     model = load_model(str(family_folders["flux-schnell"]))
     call = dict(FAMILIES["flux-schnell"][3], num_inference_steps=3, guidance_scale=0.0, output_type="pt")
@@ -210,7 +218,7 @@ def test_apply_schedule_on_flux_picks_levels_by_unscaled_timestep(family_folders
         applied.remove()
     plain = model.pipe(["bag"], generator=torch.Generator().manual_seed(0), **call).images
     assert not torch.equal(scheduled, plain)
-    with pytest.raises(QschedError, match="schedule covers"):
+    with pytest.raises(QschedError, match="runs 2 denoising steps but the schedule has 3; run it with num_inference_steps=3"):
         applied = apply_schedule(model.pipe, schedule, menu=load_menu())
         try:
             model.pipe(["bag"], generator=torch.Generator().manual_seed(0), **{**call, "num_inference_steps": 2})

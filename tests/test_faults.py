@@ -46,7 +46,7 @@ def test_every_kind_of_fault_is_in_the_table():
 
 _KILLED_WRITER = """
 import sys, time
-from qsched_search.io import atomic_path
+from qsched_search.results.io import atomic_path
 with atomic_path(sys.argv[1]) as tmp:
     tmp.write_text("half")
     print(tmp, flush=True)
@@ -60,7 +60,7 @@ def test_a_temporary_left_by_a_killed_write_is_cleared_by_the_next_run(tmp_path)
     import subprocess
     import sys
 
-    from qsched_search.io import atomic_path, check_writable
+    from qsched_search.results.io import atomic_path, check_writable
 
     writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path / "images" / "00.png")],
                               stdout=subprocess.PIPE, text=True)

@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from qsched_search.cli.app import app
-from qsched_search.paths import ResultsDir
+from qsched_search.results.layout import ResultsDir
 
 SETTINGS = ["--steps", "2", "--precisions", "w4a4", "--samples", "4", "--seed", "3"]
 
@@ -17,7 +17,7 @@ SETTINGS = ["--steps", "2", "--precisions", "w4a4", "--samples", "4", "--seed", 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     out = tmp_path_factory.mktemp("search")
-    result = CliRunner().invoke(app, ["search", *SETTINGS, "--budget", "0.6", "--images", "4", "--out", str(out)])
+    result = CliRunner().invoke(app, ["search", *SETTINGS, "--budget", "0.9", "--images", "4", "--out", str(out)])
     assert result.exit_code == 0, result.output
     return ResultsDir(out)
 
@@ -41,7 +41,7 @@ def test_apply_schedule_follows_the_schedule_in_a_plain_pipeline_call(searched):
     import torch
 
     from qsched_search import apply_schedule
-    from qsched_search.models import load_model
+    from qsched_search.pipeline.loading import load_model
 
     schedule = json.loads(searched.schedule.read_text())
     pipe = load_model("embedded").pipe

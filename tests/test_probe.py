@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qsched_search.cli.app import app
-from qsched_search.paths import ResultsDir
+from qsched_search.results.layout import ResultsDir
 
 FAST = ["--steps", "2", "--precisions", "w4a4,w8a8", "--samples", "6", "--metrics", "psnr,judge_acc"]
 
@@ -55,11 +55,11 @@ def test_killed_probe_resumes_from_its_finished_cells(probed, tmp_path, monkeypa
     # Keep the first three finished cells, as if the process died during the fourth.
     lines = ResultsDir(probed).probe_cells.read_text().splitlines()
     (tmp_path / "probe_cells.jsonl").write_text("\n".join(lines[:3]) + "\n{\"truncat")
-    from qsched_search import evaluate
+    from qsched_search.eval import evaluate
 
     calls = []
     original = evaluate.ScheduleEvaluator.evaluate
-    monkeypatch.setattr(evaluate.ScheduleEvaluator, "evaluate", lambda self, levels: calls.append(levels) or original(self, levels))
+    monkeypatch.setattr(evaluate.ScheduleEvaluator, "evaluate", lambda self, levels, **kw: calls.append(levels) or original(self, levels, **kw))
     assert run(*FAST, "--out", str(tmp_path)).exit_code == 0
     assert len(calls) == len(lines) - 3
     assert (tmp_path / "probe.csv").read_text() == ResultsDir(probed).probe_csv.read_text()
@@ -81,7 +81,7 @@ def test_changed_settings_do_not_reuse_old_cells(probed, tmp_path):
     (["--model", "/nonexistent/model"], "model '/nonexistent/model' not found"),
     (["--samples", "0"], "--samples must be at least 1"),
     (["--metrics", "clip"], "clip"),
-    (["--reference", "w8a8"], "not a reference level"),
+    (["--reference", "w8a8"], "--reference 'w8a8' would round a float32 pipeline"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = run(*FAST, *args, "--out", str(tmp_path / "out"))

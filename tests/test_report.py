@@ -21,7 +21,11 @@ from typer.testing import CliRunner
 from qsched_search import report as rep
 from qsched_search.cli.report import report as report_command
 from qsched_search.errors import QschedError
-from qsched_search.paths import ResultsDir
+from qsched_search.cli.app import app as qsched_app
+from qsched_search.results.layout import ResultsDir
+from qsched_search.results.tables import PROBE_COLUMNS, TRIALS_COLUMNS
+
+REPO = Path(__file__).resolve().parents[1]
 
 # A made-up but consistent study: 4 steps, 4 levels; early steps are the sensitive ones.
 LEVELS = ["fp32", "w8a8", "w4a8", "w4a4"]
@@ -123,6 +127,8 @@ def make_results(
                     ci_high=ref_value * 1.1,
                     n=16,
                     delta=0.0,
+                    unhealthy_images=0,
+                    fail_reason="",
                 )
             )
             for step, (t, w) in enumerate(zip(TIMESTEPS, STEP_WEIGHT)):
@@ -141,6 +147,8 @@ def make_results(
                             ci_high=value * 1.1,
                             n=16,
                             delta=value - ref_value,
+                            unhealthy_images=0,
+                            fail_reason="",
                         )
                     )
             for lvl in LEVELS[1:]:
@@ -158,13 +166,15 @@ def make_results(
                         ci_high=value * 1.1,
                         n=16,
                         delta=value - ref_value,
+                        unhealthy_images=0,
+                        fail_reason="",
                     )
                 )
-        pd.DataFrame(probe).to_csv(rd.probe_csv, index=False)
+        pd.DataFrame(probe, columns=PROBE_COLUMNS).to_csv(rd.probe_csv, index=False)
     if "trials" in files:
-        pd.DataFrame(rows).to_csv(rd.trials_csv, index=False)
+        pd.DataFrame(rows, columns=TRIALS_COLUMNS).to_csv(rd.trials_csv, index=False)
     if "pareto" in files:
-        pd.DataFrame(_front(rows)).to_csv(rd.pareto_csv, index=False)
+        pd.DataFrame(_front(rows), columns=[*TRIALS_COLUMNS, "on_front"]).to_csv(rd.pareto_csv, index=False)
     if "schedule" in files:
         schedule = {
             "schema_version": 1,
@@ -233,7 +243,7 @@ def make_results(
 
 
 def edit_schedule(root: Path, **changes) -> None:
-    """Sets `quality.<key>` or `cost.<key>` values, e.g. edit_schedule(d, quality_value=0.1, cost_bops=0.5)."""
+    """Sets `quality.<key>`, `cost.<key>` or `budget.<key>` values, e.g. edit_schedule(d, quality_value=0.1, cost_bops=0.5)."""
     path = ResultsDir(root).schedule
     data = json.loads(path.read_text())
     for key, value in changes.items():
@@ -286,7 +296,7 @@ def test_best_uniform_is_best_at_equal_or_lower_cost(results: Path):
 
 def test_uniform_at_exactly_equal_cost_counts(results: Path):
     # Make the chosen schedule cost exactly what uniform w8a8 costs: w8a8 becomes the best affordable uniform.
-    edit_schedule(results, cost_bops=0.5)
+    edit_schedule(results, cost_bops=0.5, budget_fraction=0.5)  # schedule.json is checked: the cost stays in budget
     report = rep.build_report(rep.load_results(results))
     assert report.best_uniform.level == "w8a8"
 
@@ -545,8 +555,68 @@ def test_library_raises_qsched_error(tmp_path: Path):
         rep.load_results(tmp_path / "nope")
 
 
-def test_ci_snippet_runs_the_gate():
-    assert "qsched report results/ --baseline baseline/ --fail-if-worse lpips:0.01" in rep.CI_SNIPPET
+def _readme_gate_command() -> list[str]:
+    """The quality-gate command of the README's CI snippet (`run: qsched report ...`), as arguments after `qsched`."""
+    import shlex
+
+    found = re.findall(r"run:\s*(qsched report [^\n]*--fail-if-worse[^\n]*)", (REPO / "README.md").read_text())
+    assert len(found) == 1, "the README shows one `qsched report ... --fail-if-worse` gate in its CI snippet"
+    argv = shlex.split(found[0])
+    assert argv[0] == "qsched"
+    return argv[1:]
+
+
+def test_the_readme_gate_command_passes_and_fails_through_the_cli(tmp_path: Path, monkeypatch):
+    argv = _readme_gate_command()
+    assert "--baseline" in argv and "--fail-if-worse" in argv
+    monkeypatch.chdir(tmp_path)
+    # The command's own folder names (results/, baseline/), relative to where CI runs it.
+    results_dir, baseline_dir = Path(argv[1]), Path(argv[argv.index("--baseline") + 1])
+    metric, tolerance = argv[argv.index("--fail-if-worse") + 1].split(":")
+    make_results(baseline_dir)
+    shutil.copytree(baseline_dir, results_dir)
+    edit_schedule(results_dir, quality_value=_value(baseline_dir) + float(tolerance) / 2)  # worse, within tolerance
+    passed = runner.invoke(qsched_app, argv)
+    assert passed.exit_code == 0, passed.output
+    assert f"gate passed: {metric}" in passed.stdout
+    assert (results_dir / "report.html").is_file()
+    edit_schedule(results_dir, quality_value=_value(baseline_dir) + 2 * float(tolerance))  # worse beyond it
+    failed = runner.invoke(qsched_app, argv)
+    assert failed.exit_code == 1, failed.output
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"gate failed: {metric}")
+    assert "gate" in json.loads(rep.make_report(results_dir, "json", baseline_dir=baseline_dir,
+                                                fail_if_worse=f"{metric}:{tolerance}").path.read_text())
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda o: o.pop("quality"), "field quality is missing"),
+    (lambda o: o["levels"].pop(), "levels has 3 entries"),
+    (lambda o: o["budget"].__setitem__("fraction", 1.5), "budget.fraction"),
+    (lambda o: o["cost"].__setitem__("bops", 0.9), "over budget"),
+    (lambda o: o["model"].__setitem__("weights_sha256", "xyz"), "model.weights_sha256"),
+])
+def test_malformed_schedule_json_exits_2_with_one_line(results: Path, app, edit, needle: str):
+    path = ResultsDir(results).schedule
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj))
+    line = _bad(app, [str(results)])
+    assert line.startswith("error: ") and str(path) in line and needle in line, line
+
+
+def test_probe_csv_without_its_optional_columns_still_renders(results: Path):
+    rd = ResultsDir(results)
+    pd.read_csv(rd.probe_csv).drop(columns=["fail_reason", "unhealthy_images", "timestep"]).to_csv(rd.probe_csv, index=False)
+    text = rep.make_report(results, "html").path.read_text()
+    assert 'id="sensitivity"' in text and text.count("data:image/png;base64,") == 2 + 8
+
+
+def test_probe_csv_without_deltas_exits_2_naming_the_column(results: Path, app):
+    probe = pd.read_csv(ResultsDir(results).probe_csv)
+    probe.drop(columns=["delta"]).to_csv(ResultsDir(results).probe_csv, index=False)
+    line = _bad(app, [str(results)])
+    assert "probe.csv" in line and "lacks the column(s) delta" in line
 
 
 # ------------------------------------------------------------------------------------------------ in a real browser

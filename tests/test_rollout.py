@@ -8,19 +8,27 @@ import shutil
 import pytest
 import torch
 
-from qsched_search.bank import PrecisionBank
 from qsched_search.errors import QschedError
-from qsched_search.models import load_model
-from qsched_search.precisions import load_menu
-from qsched_search.rollout import Runner, image_problems, make_eval_set
+from qsched_search.eval.health import MAX_UNHEALTHY_FRACTION, health_failure, image_problems
+from qsched_search.pipeline.loading import load_model
+from qsched_search.pipeline.rollout import Runner, capture_denoiser_call, make_eval_set
+from qsched_search.pipeline.switching import HOOK_NAME
+from qsched_search.quant.levels import load_menu
+from qsched_search.quant.sim_bank import SimulatedBank
+
+CALL = {"guidance_scale": 0.0, "height": 32, "width": 32}
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_sd_folder):
     model = load_model(str(tiny_sd_folder))
-    bank = PrecisionBank(model.denoiser, load_menu(), ["w8a8", "w4a4"], "fp32", list(model.family.exclude))
-    runner = Runner(model, bank, steps=3, eval_set=make_eval_set(["sneaker", "bag"], 4, seed=7),
-                    call_kwargs={"guidance_scale": 0.0, "height": 32, "width": 32})
+    eval_set = make_eval_set(["sneaker", "bag"], 4, seed=7)
+    # What open_session does: one recorded denoiser call at the evaluation's batch size builds the bank.
+    calibration = capture_denoiser_call(model.pipe, model.denoiser, {**CALL, "prompt": list(eval_set.prompts),
+                                                                     "num_inference_steps": 3})
+    bank = SimulatedBank(model.denoiser, load_menu(), ["w8a8", "w4a4"], "fp32", list(model.family.exclude),
+                         calibration=calibration)
+    runner = Runner(model, bank, steps=3, eval_set=eval_set, call_kwargs=CALL)
     yield model, bank, runner
     bank.remove()
 
@@ -31,13 +39,32 @@ def test_local_folder_loads_through_diffusers_with_its_family(tiny):
     assert model.family.family == "stable-diffusion"
     assert "conv_in" not in bank.layers and "conv_out" not in bank.layers
     assert any(name.endswith("to_q") for name in bank.layers)
+    # Target torchao with the regional compile the UNet declares: only Linear layers inside its transformer blocks.
+    assert bank.compile == "regional"
+    for level in ("w8a8", "w4a4"):
+        layers = bank.quantized_layers[level]
+        assert layers and all(".transformer_blocks." in name for name in layers)
+        assert all(type(bank.layers[name].inner).__name__ == "Linear" for name in layers)
+    assert not any("time_emb_proj" in name or "time_embedding" in name for name in bank.layers)
+    assert bank.level_costs()["w4a4"]["bops"] < bank.level_costs()["w8a8"]["bops"] < 1
 
 
 def test_each_step_runs_at_its_level(tiny):
     _, bank, runner = tiny
     bank.calls.clear()
-    result = runner.run(["w4a4", "fp32", "w8a8"])
+    seen = []
+    denoiser = bank.denoiser
+    # conv_in runs inside the denoiser's forward, after the hooks picked the call's level.
+    handle = denoiser.conv_in.register_forward_pre_hook(
+        lambda module, args: seen.append((bank.active, denoiser._diffusers_hook.get_hook(HOOK_NAME) is not None)))
+    try:
+        result = runner.run(["w4a4", "fp32", "w8a8"])
+    finally:
+        handle.remove()
     assert bank.calls == {"w4a4": 1, "fp32": 1, "w8a8": 1}  # one batched call per step
+    # The schedule hook set each call's level before the denoiser ran, and is removed after the run.
+    assert seen == [("w4a4", True), ("fp32", True), ("w8a8", True)]
+    assert denoiser._diffusers_hook.get_hook(HOOK_NAME) is None
     assert bank.active == "fp32"  # reset after the run
     assert result.images.shape == (4, 3, 32, 32)
     assert len(result.timesteps) == 3 and result.timesteps == sorted(result.timesteps, reverse=True)
@@ -76,6 +103,11 @@ def test_image_problems_flags_nan_blank_and_noise():
     nan[0, 0, 0] = float("nan")
     batch = torch.stack([smooth, nan, torch.full_like(smooth, 0.5), torch.rand_like(smooth)])
     assert image_problems(batch) == [None, "nan", "blank", "noise"]
+    # A few unusable images are left out of the metrics; more than MAX_UNHEALTHY_FRACTION fail the run.
+    ok = [None] * 20
+    assert health_failure(ok) is None
+    assert health_failure(["nan"] * int(MAX_UNHEALTHY_FRACTION * 20) + ok[: 20 - int(MAX_UNHEALTHY_FRACTION * 20)]) is None
+    assert health_failure(["nan", "noise", "nan"] + ok[:17]) == "3/20 images unusable (nan, noise)"
 
 
 def test_missing_and_corrupt_model_folders_give_one_line_errors(tmp_path, tiny_sd_folder):

@@ -8,31 +8,19 @@ import math
 import pytest
 
 from qsched_search.errors import QschedError
-from qsched_search.precisions import load_menu
-from qsched_search.schedule import (SCHEMA_PATH, Quality, Schedule, cost_of, costs_of, load_schedule, save_schedule,
-                                    schedule_schema, validate_schedule_dict)
-
-COSTS = {"fp32": 1.0, "w8a8": 0.066, "w4a8": 0.035, "w4a4": 0.019}
-
-
-def make_schedule(**overrides) -> Schedule:
-    levels = overrides.pop("levels", ("w8a8", "fp32", "w4a8", "w4a4"))
-    fields = dict(
-        levels=levels, steps=len(levels), timesteps=tuple(range(999, 0, -240))[: len(levels)], reference="fp32",
-        model_id="embedded", weights_sha256="ab" * 32, budget=0.5, cost_model="bops",
-        cost={"bops": cost_of(levels, COSTS), "memory": 0.4, "latency": None},
-        quality=Quality("lpips", 0.021, 0.014, 0.028, 64, False),
-        provenance={"tool_version": "0.1.0", "seed": 0, "prompts_sha256": "cd" * 32, "command": "qsched search",
-                    "created": "2026-11-25T00:00:00+00:00"},
-    )
-    fields.update(overrides)
-    return Schedule(**fields)
+from qsched_search.pipeline.switching import step_of
+from qsched_search.quant.costs import CostTable
+from qsched_search.quant.levels import load_menu
+from qsched_search.results.schedule import (SCHEMA_PATH, Quality, cost_of, load_schedule, save_schedule,
+                                            schedule_schema, validate_schedule_dict)
+from tests.helpers import SCHEDULE_COSTS as COSTS
+from tests.helpers import make_schedule
 
 
 def test_cost_is_the_mean_over_steps_of_the_level_costs():
     assert cost_of(["fp32", "fp32"], COSTS) == 1.0
     assert cost_of(["fp32", "w4a4", "w4a4", "w8a8"], COSTS) == pytest.approx((1 + 0.019 * 2 + 0.066) / 4)
-    both = costs_of(["w8a8", "fp32"], {"bops": COSTS, "memory": {"w8a8": 0.25, "fp32": 1.0}, "latency": None})
+    both = CostTable({"bops": COSTS, "memory": {"w8a8": 0.25, "fp32": 1.0}, "latency": None}).costs(["w8a8", "fp32"])
     assert both == {"bops": pytest.approx(0.533), "memory": pytest.approx(0.625), "latency": None}
     with pytest.raises(QschedError, match="level 'w2a8' has no cost"):
         cost_of(["w2a8"], COSTS)
@@ -53,14 +41,41 @@ def test_round_trip(tmp_path):
     loaded = load_schedule(path)
     assert loaded == schedule
     assert loaded.levels == ("w8a8", "fp32", "w4a8", "w4a4") and loaded.steps == 4
-    assert loaded.level_at(999) == "w8a8"
+    # The step a denoiser call at timestep 999 belongs to runs the first level (the rule apply_schedule follows).
+    assert loaded.levels[step_of(999, loaded.timesteps)] == "w8a8"
+    assert step_of(5, loaded.timesteps) is None
     # The file is the published format other tools read.
     obj = json.loads(path.read_text())
-    assert obj["schema_version"] == 1
+    assert obj["schema_version"] == 2
     assert set(obj) >= {"model", "steps", "timesteps", "levels", "reference", "budget", "cost", "quality", "provenance"}
     assert obj["cost"]["latency"] is None and obj["budget"] == {"fraction": 0.5, "cost_model": "bops"}
     # A results folder works as well as the file.
     assert load_schedule(tmp_path) == schedule
+
+
+def test_version_1_files_still_load(tmp_path):
+    obj = make_schedule().to_dict()
+    obj["schema_version"] = 1
+    assert "execution" not in obj and "comparison" not in obj
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(obj))
+    loaded = load_schedule(path)
+    assert loaded == make_schedule()
+    assert loaded.execution == {} and loaded.backend is None and loaded.quantized_layers("w8a8") is None
+
+
+def test_version_2_sections_round_trip(tmp_path):
+    execution = {"backend": "sim", "target": "torchao", "compile": "regional",
+                 "levels": {"w8a8": {"kernel": "simulated torchao Int8DynamicActivationInt8Weight",
+                                     "quantized_layers": ["down.0.proj", "up.1.proj"]}}}
+    per_image = (0.01, None, 0.03)
+    schedule = make_schedule(quality=Quality("lpips", 0.02, 0.01, 0.03, 3, False, per_image),
+                             extras={"execution": execution})
+    loaded = load_schedule(save_schedule(schedule, tmp_path / "s.json"))
+    assert loaded.backend == "sim" and loaded.execution["compile"] == "regional"
+    assert loaded.quantized_layers("w8a8") == ["down.0.proj", "up.1.proj"] and loaded.quantized_layers("w4a4") is None
+    assert loaded.quality.per_image == per_image
+    assert json.loads((tmp_path / "s.json").read_text())["quality"]["per_image"] == [0.01, None, 0.03]
 
 
 def test_undefined_interval_is_written_as_null(tmp_path):
@@ -95,7 +110,7 @@ def _write_bad(tmp_path, mutate) -> str:
     (lambda o: o["levels"].__setitem__(0, 8), ["levels[0]", "8", "level names"]),
     (lambda o: o["quality"].pop("n"), ["quality.n is missing", "positive integer"]),
     (lambda o: o["model"].__setitem__("weights_sha256", "xyz"), ["model.weights_sha256", "xyz", "64 lowercase hex"]),
-    (lambda o: o.__setitem__("schema_version", 2), ["schema_version", "2", "integer 1"]),
+    (lambda o: o.__setitem__("schema_version", 3), ["schema_version", "3", "integer 2"]),
     (lambda o: o["cost"].__setitem__("bops", 0.9), ["cost.bops", "over budget"]),
     (lambda o: o.__setitem__("reference", "w8a8"), ["reference", "'w8a8'", "format 'reference'"]),
 ])

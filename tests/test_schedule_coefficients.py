@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from qsched_search.coefficients import COEFFICIENTS_SCHEMA, KINDS, Coefficients, apply_coefficients
 from qsched_search.errors import QschedError
-from qsched_search.schedule import load_schedule, save_schedule, schedule_schema
-from tests.test_schedule import make_schedule
+from qsched_search.pipeline.coefficients import apply_coefficients
+from qsched_search.results.coefficients import COEFFICIENTS_SCHEMA, KINDS, Coefficients
+from qsched_search.results.schedule import load_schedule, save_schedule, schedule_schema
+from tests.helpers import make_schedule
 
 RAMP = Coefficients.from_ramp(0.9, 1.05, steps=2)
 
@@ -68,7 +69,7 @@ def test_a_malformed_coefficients_section_is_a_one_line_error(tmp_path, edit, ex
 
 @pytest.fixture(scope="module")
 def embedded():
-    from qsched_search.models import load_model
+    from qsched_search.pipeline.loading import load_model
 
     return load_model("embedded")
 

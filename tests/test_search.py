@@ -19,61 +19,23 @@ import pytest
 from typer.testing import CliRunner
 
 from qsched_search.errors import QschedError
-from qsched_search.evaluate import Evaluation
-from qsched_search.metrics import Estimate
-from qsched_search.probe import PROBE_COLUMNS
-from qsched_search.schedule import load_schedule
-from qsched_search.search import (SAMPLER_FACTORIES, SOURCES, TRIALS_COLUMNS, AdditiveModel, CostTable,
-                                  ScheduleSearch, SearchSettings, additive_front, additive_model, choose_schedule,
-                                  dp_schedule, greedy_schedule, load_latency_profile, open_storage, pareto_front,
-                                  plot_history, plot_pareto, resolve_sampler, warm_start_schedules)
+from qsched_search.plots import plot_history, plot_pareto
+from qsched_search.quant.costs import load_latency_profile
+from qsched_search.results.records import Estimate, Measurement
+from qsched_search.results.schedule import load_schedule
+from qsched_search.results.tables import PROBE_COLUMNS, TRIALS_COLUMNS, choose_schedule, pareto_front
+from qsched_search.search.priors import (AdditiveModel, additive_front, additive_model, dp_schedule, greedy_schedule,
+                                         warm_start_schedules)
+from qsched_search.search.samplers import SAMPLER_FACTORIES, resolve_sampler
+from qsched_search.search.stage import SearchSettings
+from qsched_search.search.storage import open_storage
+from qsched_search.search.study import SOURCES
+from tests.helpers import BOPS, HARM, LEVELS, FakeEvaluator, fake_costs, make_search, true_quality
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 TESTS_DIR = Path(__file__).resolve().parent
-LEVELS = ("fp32", "w8a8", "w4a8", "w4a4")
-BOPS = {"fp32": 1.0, "w8a8": 0.066, "w4a8": 0.035, "w4a4": 0.019}
-COSTS = CostTable({"bops": BOPS, "memory": {"fp32": 1.0, "w8a8": 0.27, "w4a8": 0.148, "w4a4": 0.148}, "latency": None})
-HARM = {"fp32": 0.0, "w8a8": 0.01, "w4a8": 0.04, "w4a4": 0.12}
-
-
-def true_quality(levels) -> float:
-    """A made-up LPIPS: early steps matter most, and two w4a4 steps in a row hurt more than their sum."""
-    value = 0.002 + sum(3.0 * 0.6 ** i * HARM[lv] for i, lv in enumerate(levels)) / len(levels)
-    value += sum(0.02 for a, b in zip(levels, levels[1:]) if a == b == "w4a4")
-    return value if set(levels) != {"fp32"} else 0.0
-
-
-class FakeEvaluator:
-    """Stands in for ScheduleEvaluator: counts calls, can fail, crash, sleep and log each evaluation to a file."""
-
-    def __init__(self, fail=(), crash=(), delay: float = 0.0, log: str | None = None):
-        self.calls: Counter = Counter()
-        self.fail, self.crash, self.delay, self.log = set(fail), set(crash), delay, log
-
-    def evaluate(self, levels) -> Evaluation:
-        key = ",".join(levels)
-        self.calls[key] += 1
-        if self.delay:
-            time.sleep(self.delay)
-        if self.log:
-            with open(self.log, "a") as f:
-                f.write(key + "\n")
-        timesteps = list(range(999, 0, -1000 // len(levels)))[: len(levels)]
-        if key in self.crash:
-            raise RuntimeError("kernel exploded")
-        if key in self.fail:
-            return Evaluation(tuple(levels), timesteps, {}, unhealthy_images=8, fail_reason="8/8 images unusable (nan)")
-        v = true_quality(levels)
-        return Evaluation(tuple(levels), timesteps, {"lpips": Estimate(v, 0.9 * v, 1.1 * v, 8)})
-
-
-def make_search(evaluate, *, steps=3, budget=0.5, sampler="auto", trials=None, storage=None, seed=0, warm_start=(),
-                study_name=None, known=None, choices=LEVELS, costs=COSTS) -> ScheduleSearch:
-    return ScheduleSearch(evaluate, choices=choices, reference="fp32", steps=steps, metric="lpips",
-                          higher_is_better=False, costs=costs, cost_model="bops", budget=budget, storage=storage,
-                          study_name=study_name, sampler=sampler, trials=trials, seed=seed,
-                          fingerprint={"test": "fake"}, warm_start=warm_start, known=known)
+COSTS = fake_costs()
 
 
 def brute_force(steps, budget, choices=LEVELS):
@@ -202,14 +164,41 @@ def test_a_study_can_be_finished_by_the_exhaustive_sampler(tmp_path):
 
 
 def test_known_measurements_are_imported_not_run():
-    known = {"fp32,fp32,fp32": {"estimates": {"lpips": [0.0, 0.0, 0.0, 8]}, "timesteps": [], "unhealthy_images": 0,
-                                "fail_reason": None, "origin": "probe"}}
+    known = {"fp32,fp32,fp32": Measurement(estimates={"lpips": Estimate(0.0, 0.0, 0.0, 8)}, origin="probe")}
     fake = FakeEvaluator()
     outcome = make_search(fake.evaluate, trials=5, known=known,
                           warm_start=[(("fp32",) * 3, "uniform"), (("w8a8",) * 3, "uniform")]).run()
     assert "fp32,fp32,fp32" not in fake.calls and fake.calls["w8a8,w8a8,w8a8"] == 1
     row = outcome.trials[outcome.trials["schedule"] == "fp32,fp32,fp32"].iloc[0]
     assert row["source"] == "cache" and row["value"] == 0.0 and not row["feasible"]
+    trial = outcome.study.trials[int(row["trial"])]
+    assert trial.user_attrs["origin"] == "probe"
+    # The public view of every measurement, the imported one included.
+    measured = make_search(FakeEvaluator().evaluate, trials=0, known=known).evaluated()
+    assert measured == {}  # nothing before run()
+    search = make_search(FakeEvaluator().evaluate, trials=5, known=known,
+                         warm_start=[(("w8a8",) * 3, "uniform")])
+    search.run()
+    measured = search.evaluated()
+    assert measured["fp32,fp32,fp32"].estimates["lpips"] == Estimate(0.0, 0.0, 0.0, 8)
+    assert measured["w8a8,w8a8,w8a8"].value("lpips") == pytest.approx(true_quality(("w8a8",) * 3))
+    assert all(isinstance(m, Measurement) for m in measured.values()) and len(measured) >= 2
+
+
+def test_a_non_finite_objective_fails_its_trial_measured_or_imported():
+    inf = Measurement(estimates={"lpips": Estimate(math.inf, math.inf, math.inf, 8)}, origin="probe")
+    fake = FakeEvaluator()
+
+    def evaluate(levels):
+        if levels == ("w8a8",) * 3:
+            return inf
+        return fake.evaluate(levels)
+
+    outcome = make_search(evaluate, trials=3, known={"fp32,fp32,fp32": inf},
+                          warm_start=[(("fp32",) * 3, "uniform"), (("w8a8",) * 3, "uniform")]).run()
+    trials = outcome.trials.set_index("schedule")
+    for key in ("fp32,fp32,fp32", "w8a8,w8a8,w8a8"):
+        assert trials.loc[key, "state"] == "FAIL" and trials.loc[key, "fail_reason"] == "metric lpips is NaN or infinite"
 
 
 # ------------------------------------------------------------------------------------------------ failures
@@ -266,10 +255,10 @@ def _wait_for_lines(path: Path, n: int, timeout: float) -> None:
 
 _SCRIPT = """
 import sys
-sys.path.insert(0, {tests!r})
+sys.path.insert(0, {repo!r})
 import optuna
 optuna.logging.set_verbosity(optuna.logging.ERROR)
-from test_search import FakeEvaluator, make_search
+from tests.helpers import FakeEvaluator, make_search
 fake = FakeEvaluator(delay=float(sys.argv[3]), log=sys.argv[2])
 make_search(fake.evaluate, steps=4, sampler="tpe", trials=int(sys.argv[4]), storage=sys.argv[1]).run()
 """
@@ -277,7 +266,7 @@ make_search(fake.evaluate, steps=4, sampler="tpe", trials=int(sys.argv[4]), stor
 
 def test_a_search_killed_with_sigkill_resumes_and_keeps_its_finished_trials(tmp_path):
     storage, log1, log2 = sqlite(tmp_path), tmp_path / "first.log", tmp_path / "second.log"
-    script = _SCRIPT.format(tests=str(TESTS_DIR))
+    script = _SCRIPT.format(repo=str(TESTS_DIR.parent))
     proc = subprocess.Popen([sys.executable, "-c", script, storage, str(log1), "0.25", "40"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -364,20 +353,53 @@ def test_additive_model_from_the_probe_table():
     assert additive_model(_probe_frame(), "psnr", False, 3, LEVELS, "fp32") is None
 
 
-def test_probe_cells_are_reused_only_when_measured_the_same_way():
-    from qsched_search.search import _probe_records
+def test_probe_cells_are_reused_only_when_measured_the_same_way(tmp_path):
+    from qsched_search.results.layout import ResultsDir
+    from qsched_search.results.provenance import update_manifest
+    from qsched_search.search.probe import CellStore, probe_cells
+    from qsched_search.search.stage import _probe_measurements
 
     described = {"model_id": "embedded", "weights_sha256": "a" * 64, "steps": 3, "samples": 8, "seed": 0,
                  "prompts_sha256": "b" * 64, "reference": "fp32", "dtype": "float32", "device": "cpu",
-                 "batch_size": 64, "call_kwargs": {}, "exclude": ["conv_in"], "levels": {"w8a8": {"format": "int"}}}
-    stage = {**described, "device": "cpu (x86_64, 2 threads)", "metrics": ["lpips", "psnr"]}
-    records, why = _probe_records(_probe_frame(), stage, described, "lpips", 3, "fp32", LEVELS)
-    assert why == "" and len(records) == 1 + 3 * 3  # the noise floor (all fp32) and every one-step swap
-    assert records["fp32,fp32,fp32"]["estimates"]["lpips"][0] == 0.001
-    assert records["fp32,w4a4,fp32"]["origin"] == "probe"
-    records, why = _probe_records(_probe_frame(), {**stage, "prompts_sha256": "c" * 64}, described, "lpips", 3, "fp32", LEVELS)
+                 "batch_size": 64, "call_kwargs": {}, "exclude": ["conv_in"], "backend": "sim",
+                 "execution": {"backend": "sim", "target": "torchao"}, "levels": {"w8a8": {"format": "int"}}}
+    results = ResultsDir(tmp_path)
+    store = CellStore(results.probe_cells, "f" * 16)
+    cells = probe_cells(LEVELS[1:], "fp32", 3)
+    for cell in cells:
+        levels = cell.levels("fp32", 3)
+        v = true_quality(levels) + (0.001 if cell.kind == "reference" else 0.0)
+        store.add(cell, Measurement(estimates={"lpips": Estimate(v, v, v, 8)}, timesteps=(999, 666, 333)))
+    _probe_frame().to_csv(results.probe_csv, index=False)
+
+    def reuse(stage, metric="lpips", levels=LEVELS):
+        if stage is None:
+            results.manifest.unlink(missing_ok=True)
+        else:
+            results.manifest.unlink(missing_ok=True)
+            update_manifest(results.manifest, "probe", stage)
+        return _probe_measurements(results, results.probe_csv, described, metric, 3, "fp32", levels)
+
+    stage = {**described, "device": "cpu (x86_64, 2 threads)", "metrics": ["lpips", "psnr"], "fingerprint": "f" * 16}
+    records, why = reuse(stage)
+    # The noise floor (all fp32), every one-step swap and every uniform schedule.
+    assert why == "" and len(records) == len(cells) == 1 + 3 * 3 + 3
+    assert records["fp32,fp32,fp32"].value("lpips") == pytest.approx(0.001)
+    assert records["fp32,w4a4,fp32"].origin == "probe" and records["w4a4,w4a4,w4a4"].timesteps == (999, 666, 333)
+    # Only cells of the levels the search may use.
+    records, why = reuse(stage, levels=("fp32", "w8a8"))
+    assert why == "" and set(records) == {"fp32,fp32,fp32", "w8a8,fp32,fp32", "fp32,w8a8,fp32", "fp32,fp32,w8a8",
+                                          "w8a8,w8a8,w8a8"}
+    # Another metric: the cells do not answer it.
+    assert reuse(stage, metric="psnr") == ({}, "")
+    records, why = reuse({**stage, "prompts_sha256": "c" * 64})
     assert records == {} and "prompts_sha256" in why
-    records, why = _probe_records(_probe_frame(), None, described, "lpips", 3, "fp32", LEVELS)
+    records, why = reuse({**stage, "backend": "torchao"})
+    assert records == {} and "backend" in why
+    records, why = reuse({**stage, "levels": {"w8a8": {"format": "int", "weight_bits": 4}}})
+    assert records == {} and "level w8a8 was defined differently" in why
+    assert reuse({**stage, "fingerprint": "e" * 16}) == ({}, "")  # cells of other settings are never read
+    records, why = reuse(None)
     assert records == {} and "manifest" in why
 
 
@@ -421,8 +443,14 @@ def test_latency_profile(tmp_path):
     pd.DataFrame({"level": ["fp32"], "ms": [1.0]}).to_csv(path, index=False)
     with pytest.raises(QschedError, match="lacks column\\(s\\) ms_per_step"):
         load_latency_profile(path, [], "fp32")
-    with pytest.raises(QschedError, match="--cost latency needs a latency profile: pass --profile FILE.*qsched profile"):
-        SearchSettings(cost_model="latency")
+    # Latency comes from a profile, or is measured on real kernels; the simulation has no latency to measure.
+    from qsched_search.search.stage import check_cost_source
+
+    with pytest.raises(QschedError, match="--cost latency needs real kernels: pass --backend torchao.*--profile FILE.*qsched profile"):
+        check_cost_source(SearchSettings(cost_model="latency"), "sim")
+    check_cost_source(SearchSettings(cost_model="latency"), "torchao")
+    check_cost_source(SearchSettings(cost_model="latency", profile=str(path)), "sim")
+    check_cost_source(SearchSettings(cost_model="bops"), "sim")
     with pytest.raises(QschedError, match="needs a latency profile"):
         COSTS.model("latency")
 
@@ -445,9 +473,13 @@ def test_plots_are_written(tmp_path):
     trials = make_search(fake.evaluate, sampler="exhaustive").run().trials
     front = pareto_front(trials, False)
     chosen = choose_schedule(trials, 0.5, False)
-    plot_pareto(trials, front, chosen, 0.5, "bops", "lpips", False, 3, tmp_path / "pareto.png")
+    plot_pareto(trials, front, 0.5, "bops", "lpips", False, 3, chosen=(chosen["cost"], chosen["value"]),
+                path=tmp_path / "pareto.png", reference="fp32")
     plot_history(trials, 0.5, "lpips", False, tmp_path / "history.png")
     assert (tmp_path / "pareto.png").stat().st_size > 10_000 and (tmp_path / "history.png").stat().st_size > 10_000
+    # Without a path, the PNG bytes (the report embeds them).
+    png = plot_pareto(trials, front, 0.5, "bops", "lpips", False, 3)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
@@ -462,7 +494,7 @@ def _app():
 @pytest.mark.parametrize("args, expected", [
     (["--budget", "1.5"], r"--budget 1.5 is outside (0, 1]"),
     (["--budget", "0"], r"--budget 0.0 is outside (0, 1]"),
-    (["--cost", "latency"], "--cost latency needs a latency profile"),
+    (["--cost", "latency"], "--cost latency needs real kernels"),
     (["--precisions", "w8a8,w3a3"], "unknown precision 'w3a3'"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, expected):
@@ -479,13 +511,15 @@ def test_cli_search_on_the_embedded_model(tmp_path):
     common = ["--steps", "2", "--samples", "4", "--precisions", "w8a8,w4a4", "--out", str(tmp_path)]
     probed = CliRunner().invoke(_app(), ["probe", *common, "--metrics", "lpips"])
     assert probed.exit_code == 0, probed.output
-    args = ["search", *common, "--images", "2"]
+    args = ["search", *common, "--images", "2", "--budget", "0.9"]  # Linear layers only: w4a4 costs ~0.66 of fp32
     result = CliRunner().invoke(_app(), args)
     assert result.exit_code == 0, result.output
     # The probe measured 7 of the 9 schedules (the reference, 4 one-step swaps, 2 uniform): 2 are left to run.
     assert "2 new evaluations" in result.output
     schedule = load_schedule(tmp_path / "schedule.json")
-    assert schedule.cost["bops"] <= 0.5 and schedule.steps == 2 and schedule.quality.metric == "lpips"
+    assert schedule.cost["bops"] <= 0.9 and schedule.steps == 2 and schedule.quality.metric == "lpips"
+    assert schedule.backend == "sim" and schedule.execution["target"] == "torchao"
+    assert all(schedule.quantized_layers(lv) for lv in set(schedule.levels) - {"fp32"})
     trials = pd.read_csv(tmp_path / "trials.csv")
     assert list(trials.columns) == TRIALS_COLUMNS and len(trials) == 9
     pareto = pd.read_csv(tmp_path / "pareto.csv")

@@ -12,10 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qsched_search import weights
+from qsched_search.eval import weights
 from qsched_search.cli.weights import app
 from qsched_search.errors import QschedError
-from tests.weights_helper import default_weights_or_skip
+from tests.helpers import default_weights_or_skip
 
 runner = CliRunner()
 
