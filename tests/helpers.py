@@ -51,6 +51,112 @@ def build_tiny_sd_pipeline(scheduler: str = "euler-ancestral"):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+# One tiny random-weight pipeline per model family (saved with save_pretrained, loaded by path in the tests).
+
+SD_COMMON = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def _clip_text_encoder(tokenizer, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                            num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer),
+                            max_position_embeddings=tokenizer.model_max_length, projection_dim=32)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _tiny_vae(**overrides):
+    from diffusers import AutoencoderKL
+
+    config = dict(block_out_channels=(8, 16), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=32)
+    config.update(overrides)
+    return AutoencoderKL(**config)
+
+
+def build_tiny_pcm_pipeline():
+    """SD 1.5 architecture with the TCD scheduler that PCM checkpoints run with."""
+    from diffusers import TCDScheduler
+
+    pipe = build_tiny_sd_pipeline()
+    pipe.scheduler = TCDScheduler(**SD_COMMON, timestep_spacing="trailing")
+    return pipe
+
+
+def build_tiny_sdxl_pipeline():
+    """A StableDiffusionXLPipeline (SDXL-Turbo architecture: two CLIP encoders, text-time conditioning)."""
+    import torch
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from qsched_search.embedded.vocab import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=8 * 6 + 32, cross_attention_dim=64, norm_num_groups=4,
+    )
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_clip_tokenizer()
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(), text_encoder=_clip_text_encoder(tokenizer), tokenizer=tokenizer,
+        text_encoder_2=_clip_text_encoder(tokenizer_2, with_projection=True), tokenizer_2=tokenizer_2, unet=unet,
+        scheduler=EulerAncestralDiscreteScheduler(**SD_COMMON, timestep_spacing="trailing"),
+    )
+
+
+def build_t5_tokenizer():
+    """A T5 tokenizer over a tiny Unigram vocabulary built in code (no hub files); unknown words fall back to letters."""
+    from transformers import T5TokenizerFast
+
+    from qsched_search.embedded.vocab import CLASS_NAMES
+
+    words = sorted({w for name in CLASS_NAMES for w in name.replace("-", " ").split()})
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in words] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz-"]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=16)
+
+
+def build_tiny_flux_pipeline():
+    """A FluxPipeline (FLUX.1-schnell architecture: double- and single-stream blocks, CLIP + T5), as diffusers tests it."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from qsched_search.embedded.vocab import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                             num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0,
+                                             pad_token_id=0, eos_token_id=1))
+    vae = _tiny_vae(block_out_channels=(4,), down_block_types=("DownEncoderBlock2D",),
+                    up_block_types=("UpDecoderBlock2D",), latent_channels=1, norm_num_groups=1, layers_per_block=1,
+                    use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False), vae=vae,
+                        text_encoder=_clip_text_encoder(tokenizer), tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                        tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def build_tiny_lcm_pipeline():
+    return build_tiny_sd_pipeline(scheduler="lcm")
+
+
+# family -> (builder, folder name, denoiser class, call kwargs). The folder name matters for id-matched families.
+FAMILIES = {
+    "sd-turbo": (build_tiny_sd_pipeline, "sd-turbo-tiny", "UNet2DConditionModel", {"height": 32, "width": 32}),
+    "sdxl-turbo": (build_tiny_sdxl_pipeline, "sdxl-turbo-tiny", "UNet2DConditionModel", {"height": 32, "width": 32}),
+    "lcm": (build_tiny_lcm_pipeline, "tiny-lcm", "UNet2DConditionModel", {"height": 32, "width": 32, "guidance_scale": 0.0}),
+    "pcm": (build_tiny_pcm_pipeline, "tiny-pcm", "UNet2DConditionModel", {"height": 32, "width": 32, "guidance_scale": 0.0}),
+    "flux-schnell": (build_tiny_flux_pipeline, "tiny-flux", "FluxTransformer2DModel",
+                     {"height": 16, "width": 16, "max_sequence_length": 8}),
+}
+
+
 # ------------------------------------------------------------------------------------------------ schedules
 
 SCHEDULE_COSTS = {"fp32": 1.0, "w8a8": 0.066, "w4a8": 0.035, "w4a4": 0.019}
