@@ -115,8 +115,9 @@ def open_session(settings: RunSettings, keep_images: bool = False, metrics: bool
     menu = menu or load_menu(settings.menu)
     levels = list(dict.fromkeys([settings.reference, *settings.precisions]))
     menu.select(levels)
-    if not menu[settings.reference].is_reference:
-        raise QschedError(f"--reference {settings.reference!r} is not a reference level (format 'reference') in {menu.source}")
+    if not menu[settings.reference].runs_as_is(settings.dtype):
+        raise QschedError(f"--reference {settings.reference!r} would round a {settings.dtype} pipeline; pass a level that "
+                          f"runs it as it is (format 'reference', or a cast to {settings.dtype}) from {menu.source}")
     check_levels(settings.backend, menu, levels, settings.dtype)
     if metrics and settings.metrics:
         from qsched_search.eval.metrics import get_metric_class

@@ -44,6 +44,13 @@ def user_errors(fn):
     return wrapper
 
 
+def reuse_line(stats: dict) -> str:
+    """One line on trajectory prefix reuse: denoiser calls run, reused, and what a run without reuse makes."""
+    run, total = stats["denoiser_calls_run"], stats["denoiser_calls_without_reuse"]
+    saved = f" ({total / run:.2f}x fewer)" if run else ""
+    return f"denoiser calls: {run} run, {stats['denoiser_calls_served']} answered from shared prefixes, {total} without reuse{saved}"
+
+
 def split_list(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 

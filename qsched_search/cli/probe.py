@@ -11,7 +11,8 @@ from rich.table import Table
 
 from qsched_search.cli._common import (BackendChoice, BackendOpt, BatchOpt, CompileOpt, CudaGraphsOpt, DeviceOpt, DtypeOpt, FamilyOpt,
                                        MenuOpt, MetricsOpt, ModelOpt, PrecisionsOpt, PromptsOpt, ReferenceOpt, SamplesOpt,
-                                       SeedOpt, StepsOpt, VerboseOpt, WeightsOpt, console, split_list, user_errors)
+                                       SeedOpt, StepsOpt, VerboseOpt, WeightsOpt, console, reuse_line, split_list,
+                                       user_errors)
 from qsched_search.results.io import check_writable
 from qsched_search.results.layout import ResultsDir
 from qsched_search.results.provenance import device_name
@@ -79,6 +80,7 @@ def probe(
         session.close()
     if primary is not None:
         _print_summary(frame, primary.name)
+    console.print(reuse_line(result.fields["prefix_reuse"]), highlight=False)
     console.print(f"wrote {', '.join(map(str, files))} in {time.time() - started:.0f} s", highlight=False)
 
 

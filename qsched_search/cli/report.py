@@ -65,6 +65,10 @@ def report(
     for line in outcome.report.warnings:
         # stdout, so that stderr carries only the one-line error or gate verdict that CI logs are read for.
         typer.echo(f"warning: {line}")
+    if outcome.report.schedule is not None:
+        from qsched_search.results.compare import budget_sentence
+
+        typer.echo(budget_sentence(outcome.report.schedule))
     typer.echo(f"wrote {outcome.path}")
     if outcome.gate is not None:
         if not outcome.gate.passed:

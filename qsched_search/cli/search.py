@@ -14,9 +14,10 @@ from rich.table import Table
 
 from qsched_search.cli._common import (BackendChoice, BackendOpt, BatchOpt, CompileOpt, CudaGraphsOpt, DeviceOpt,
                                        DtypeOpt, FamilyOpt, MenuOpt, ModelOpt, PrecisionsOpt, PromptsOpt, ReferenceOpt,
-                                       SamplesOpt, SeedOpt, StepsOpt, VerboseOpt, WeightsOpt, console, split_list,
-                                       user_errors)
+                                       SamplesOpt, SeedOpt, StepsOpt, VerboseOpt, WeightsOpt, console, reuse_line,
+                                       split_list, user_errors)
 from qsched_search.errors import QschedError
+from qsched_search.results.compare import budget_sentence
 from qsched_search.results.io import check_writable
 from qsched_search.results.layout import ResultsDir
 from qsched_search.session import RunSettings, read_prompts
@@ -47,7 +48,7 @@ def search(
     model: ModelOpt = "embedded",
     family: FamilyOpt = "",
     steps: StepsOpt = 4,
-    budget: Annotated[float, typer.Option("--budget", "-b", help="Cost budget: a fraction in (0, 1] of running every step at the reference level.")] = 0.5,
+    budget: Annotated[Optional[float], typer.Option("--budget", "-b", help="Cost budget: a fraction in (0, 1] of running every step at the reference level; the model family's default if omitted (0.5; 0.67 for the embedded model).", show_default=False)] = None,
     precisions: PrecisionsOpt = "w8a8,w4a8,w4a4",
     reference: ReferenceOpt = "fp32",
     cost: Annotated[CostModel, typer.Option("--cost", help="Cost model: bops (bit-operations), memory (weight bytes) or latency (measured here with --backend torchao on a GPU, or read from --profile).")] = CostModel.bops,
@@ -97,7 +98,7 @@ def search(
     the chosen schedule's coefficients when they measured better. Every comparison of two schedules is paired
     (the same prompts and seeds): a difference with its 95% bootstrap interval.
 
-    Example: qsched search --steps 4 --budget 0.05 --out results/demo   (after `qsched probe --out results/demo`)
+    Example: qsched search --steps 4 --budget 0.67 --out results/demo   (after `qsched probe --out results/demo`)
     """
     import optuna
 
@@ -152,6 +153,7 @@ def search(
     _print_summary(result)
     if result.coefficients_front is not None:
         _print_coefficients(result)
+    console.print(reuse_line(result.manifest["prefix_reuse"]), highlight=False)
     console.print(f"stopped: {result.stopped_because}; {result.new_evaluations} new evaluations, "
                   f"{len(result.trials)} trials in study {result.study_name} ({result.storage})", highlight=False)
     console.print(f"wrote {', '.join(str(f) for f in result.files)} in {time.time() - started:.0f} s", highlight=False)
@@ -176,32 +178,7 @@ def _print_summary(result) -> None:
             continue
         table.add_row(label, str(row["schedule"]), f"{float(row['cost']):.4g}", _fmt_ci(row), str(row["n"]))
     console.print(table)
-    console.print(headline(result), highlight=False)
-
-
-def headline(result) -> str:
-    """One sentence of what the budget bought, from the paired comparison with the best uniform schedule."""
-    s = result.schedule
-    q = s.quality
-    spent = f"at {s.cost[s.cost_model]:.1%} of {s.reference}'s {_COST_WORDS.get(s.cost_model, s.cost_model)}"
-    own = f"{q.metric} {q.value:.3g}"
-    c = result.comparison
-    if result.best_uniform is None:
-        return f"{spent}: {own}; no uniform schedule costs as little, so there is no uniform baseline to beat"
-    base = result.best_uniform["schedule"].split(",")[0]
-    if c is None:
-        if result.best_uniform["schedule"] == ",".join(s.levels):
-            return f"{spent}: {own}; the best schedule within the budget is uniform {base}"
-        return f"{spent}: {own} against {float(result.best_uniform['value']):.3g} for the best uniform level ({base}) (not paired)"
-    rel = c["difference"] / c["baseline_value"] if c.get("baseline_value") else math.nan
-    direction = "below" if rel < 0 else "above"
-    verdict = {"better": "better", "worse": "worse", "not resolved": "not resolved"}[c["verdict"]]
-    return (f"{spent}: {own}, {abs(rel):.0%} {direction} the best uniform level ({base}, {c['baseline_value']:.3g}); "
-            f"paired difference {c['difference']:+.3g}, 95% CI [{c['ci_low']:+.3g}, {c['ci_high']:+.3g}] "
-            f"over {c['n']} samples: {verdict}")
-
-
-_COST_WORDS = {"bops": "bit-operations", "memory": "weight memory", "latency": "step latency"}
+    console.print(budget_sentence(result.schedule.to_dict()), highlight=False)
 
 
 def _print_coefficients(result) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -77,13 +77,14 @@ class ScheduleEvaluator:
     def timesteps(self) -> list[int]:
         return self.reference.timesteps
 
-    def evaluate(self, levels: Sequence[str]) -> Evaluation:
+    def evaluate(self, levels: Sequence[str], use_cache: bool = True) -> Evaluation:
+        """Runs `levels` and scores them; `use_cache=False` runs every denoiser call (see `Runner.run`)."""
         levels = tuple(levels)
         reference = self.reference
         started = time.perf_counter()
-        result = self.runner.run(levels)
+        result = self.runner.run(levels, use_cache=use_cache)
         evaluation = self.score(levels, result, reference)
-        evaluation.measurement = Measurement(**{**evaluation.measurement.__dict__, "seconds": time.perf_counter() - started})
+        evaluation.measurement = replace(evaluation.measurement, seconds=time.perf_counter() - started)
         return evaluation
 
     def score(self, levels: tuple[str, ...], result: RolloutResult, reference: RolloutResult) -> Evaluation:

@@ -10,7 +10,7 @@ import torch
 from qsched_search.errors import QschedError
 from qsched_search.results.coefficients import Coefficients
 
-__all__ = ["AppliedCoefficients", "apply_coefficients"]
+__all__ = ["AppliedCoefficients", "apply_coefficients", "installed_coefficients"]
 
 # Schedulers whose step() upcasts the sample to float32 first (and casts the result back to the model's dtype).
 _UPCASTING = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
@@ -80,6 +80,7 @@ class AppliedCoefficients:
                                   "or calibrate for this step count")
             return out
 
+        step.coefficients = coefficients  # read by `installed_coefficients`
         scheduler.step = step
         scheduler.set_timesteps = set_timesteps
 
@@ -105,6 +106,11 @@ class AppliedCoefficients:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def installed_coefficients(scheduler) -> Coefficients | None:
+    """The coefficients installed on `scheduler` by `apply_coefficients`, or None."""
+    return getattr(vars(scheduler).get("step"), "coefficients", None)
 
 
 def apply_coefficients(pipe_or_scheduler, coefficients: Coefficients | Mapping | None) -> AppliedCoefficients | None:

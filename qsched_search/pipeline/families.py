@@ -33,6 +33,8 @@ class Family:
     scheduler: dict = field(default_factory=dict)
     # The denoiser is called with scheduler timestep / timestep_scale (FLUX: /1000); apply_schedule undoes it.
     timestep_scale: float = 1.0
+    # `qsched search`'s budget when --budget is not given: where the family's trade-off is.
+    default_budget: float = 0.5
 
     def denoiser_of(self, pipe):
         module = getattr(pipe, self.denoiser, None)
@@ -85,6 +87,7 @@ def load_family(name: str) -> Family:
         scheduler_classes=tuple(raw.get("scheduler_classes", ()) or ()),
         scheduler=dict(raw.get("scheduler", {}) or {}),
         timestep_scale=float(raw.get("timestep_scale", 1.0)),
+        default_budget=float(raw.get("default_budget", 0.5)),
     )
 
 

@@ -12,6 +12,8 @@ import torch
 from qsched_search.errors import QschedError
 from qsched_search.eval.health import image_problems
 from qsched_search.pipeline.loading import LoadedModel
+from qsched_search.pipeline.coefficients import installed_coefficients
+from qsched_search.pipeline.prefix_cache import PrefixCache
 from qsched_search.pipeline.switching import install_schedule, remove_schedule
 from qsched_search.quant.bank import Bank
 
@@ -57,10 +59,12 @@ class RolloutResult:
 
 
 class Runner:
-    """Runs one model with its precision bank on one evaluation set; prompt embeddings are computed once.
+    """Runs one model with its precision bank on one evaluation set, batch by batch, as plain pipeline calls.
 
     Each run installs the schedule hook (`qsched_search.pipeline.switching`) for its levels, the same one
-    `apply_schedule` installs, and removes it after.
+    `apply_schedule` installs, and removes it after. Denoiser outputs of schedule prefixes are kept in a
+    `PrefixCache` (`qsched_search.pipeline.prefix_cache`), so a schedule that shares its first steps' levels with one
+    run before skips those steps' denoiser calls, with the same images bit for bit.
 
     Args:
         model (`LoadedModel`): the pipeline.
@@ -70,26 +74,39 @@ class Runner:
         batch_size (`int`, defaults to 64): samples per pipeline call.
         call_kwargs (`dict`, *optional*): extra pipeline arguments (guidance_scale, height, width...); the
             family's `call_defaults` fill what is not given.
+        prefix_cache (`PrefixCache`, *optional*): where prefix outputs are kept; a new one sized automatically if
+            None; `PrefixCache(0)` turns reuse off.
     """
 
     def __init__(self, model: LoadedModel, bank: Bank, steps: int, eval_set: EvalSet,
-                 batch_size: int = 64, call_kwargs: dict | None = None):
+                 batch_size: int = 64, call_kwargs: dict | None = None, prefix_cache: PrefixCache | None = None):
         if steps < 1:
             raise QschedError(f"--steps must be at least 1, got {steps}")
         self.model, self.bank, self.steps, self.eval_set = model, bank, steps, eval_set
         self.batch_size = max(1, batch_size)
         self.call_kwargs = {**model.family.call_defaults, **(call_kwargs or {})}
-        self._embeds: dict[str, dict] = {}
+        self.cache = PrefixCache() if prefix_cache is None else prefix_cache
 
-    def run(self, levels: Sequence[str]) -> RolloutResult:
-        """Runs every sample with `levels[i]` active during denoising step i; the bank is reset to the reference after."""
+    def run(self, levels: Sequence[str], use_cache: bool = True) -> RolloutResult:
+        """Runs every sample with `levels[i]` active during denoising step i; the bank is reset to the reference after.
+
+        Args:
+            levels (`Sequence[str]`): one level per step.
+            use_cache (`bool`, defaults to True): answer shared prefixes from the cache; False runs every call (a
+                re-run that must measure run-to-run differences, such as the noise floor).
+        """
         levels = list(levels)
         if len(levels) != self.steps:
             raise QschedError(f"schedule has {len(levels)} levels for {self.steps} steps; give one level per step")
-        hook = install_schedule(self.bank, self.model.pipe, levels, self.model.family.timestep_scale)
+        hook = install_schedule(self.bank, self.model.pipe, levels, self.model.family.timestep_scale, cache=self.cache)
+        hook.use_cache = use_cache
+        coefficients = installed_coefficients(self.model.pipe.scheduler)
+        hook.context = None if coefficients is None else (coefficients.model_coeff, coefficients.sample_coeff)
+        before = self.cache.bytes
         images = []
         try:
             for start in range(0, len(self.eval_set), self.batch_size):
+                hook.batch = start
                 images.append(self._run_batch(start))
                 if sorted(hook.timesteps_seen) != list(range(self.steps)):
                     raise QschedError(f"the pipeline ran denoising steps {sorted(hook.timesteps_seen)} where {self.steps} "
@@ -97,6 +114,8 @@ class Runner:
         finally:
             remove_schedule(self.bank.denoiser)
             self.bank.set_level(self.bank.reference)
+        if use_cache and self.steps > 1:
+            self.cache.size_from((self.cache.bytes - before) // (self.steps - 1))
         images = torch.cat(images)
         timesteps = [hook.timesteps_seen[i] for i in range(self.steps)]
         return RolloutResult(images=images, timesteps=timesteps, problems=image_problems(images))
@@ -108,27 +127,11 @@ class Runner:
         # One generator per sample: a sample's noise does not depend on the batch it runs in.
         generators = [torch.Generator(device=self.model.device).manual_seed(s) for s in seeds]
         with torch.no_grad():
-            output = pipe(**self._prompt_kwargs(prompts), num_inference_steps=self.steps, generator=generators,
+            # A plain call with the prompts (no cached embeddings), so that the same call on a stock pipeline with
+            # `apply_schedule` makes the same images.
+            output = pipe(prompt=list(prompts), num_inference_steps=self.steps, generator=generators,
                           output_type="pt", **self.call_kwargs)
         return output.images.float().cpu()
-
-    def _prompt_kwargs(self, prompts: Sequence[str]) -> dict:
-        """Cached prompt embeddings where the pipeline can take them; plain prompts otherwise."""
-        pipe = self.model.pipe
-        from diffusers import StableDiffusionPipeline
-
-        if not isinstance(pipe, StableDiffusionPipeline):
-            return {"prompt": list(prompts)}
-        guidance = self.call_kwargs.get("guidance_scale", 7.5)
-        cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
-        for p in set(prompts) - set(self._embeds):
-            with torch.no_grad():
-                cond, uncond = pipe.encode_prompt(p, self.model.device, 1, cfg)
-            self._embeds[p] = {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
-        out = {"prompt_embeds": torch.cat([self._embeds[p]["prompt_embeds"] for p in prompts])}
-        if cfg:
-            out["negative_prompt_embeds"] = torch.cat([self._embeds[p]["negative_prompt_embeds"] for p in prompts])
-        return out
 
 
 def capture_denoiser_call(pipe, denoiser, call_kwargs: dict) -> tuple[tuple, dict]:

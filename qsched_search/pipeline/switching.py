@@ -17,7 +17,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from qsched_search.errors import QschedError
 from qsched_search.quant.bank import Bank
 
-__all__ = ["HOOK_NAME", "ScheduleHook", "install_schedule", "step_of"]
+__all__ = ["HOOK_NAME", "CachingScheduleHook", "ScheduleHook", "install_schedule", "remove_schedule", "step_of"]
 
 HOOK_NAME = "qsched.schedule"
 
@@ -78,13 +78,53 @@ class ScheduleHook(ModelHook):
         return args, kwargs
 
 
-def install_schedule(bank: Bank, pipe, levels: Sequence[str], timestep_scale: float = 1.0) -> ScheduleHook:
-    """Registers a `ScheduleHook` on the bank's denoiser (after the bank's own hook, so it runs first)."""
+class CachingScheduleHook(ScheduleHook):
+    """A `ScheduleHook` that answers a call from a `PrefixCache` when a schedule with the same levels so far made it.
+
+    `batch` (which samples this pipeline call runs) and `context` (anything else that shapes the trajectory, such as
+    the scheduler's coefficients) are set by the rollout before each call; `use_cache=False` runs every call (the
+    noise floor must be a real re-run). The last step's outputs are not kept: no other schedule has that prefix.
+    """
+
+    def __init__(self, bank: Bank, pipe, levels: Sequence[str], timestep_scale: float, cache):
+        super().__init__(bank, pipe, levels, timestep_scale)
+        self.cache = cache
+        self.batch: object = None
+        self.context: object = None
+        self.use_cache = True
+        self._step, self._call = -1, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self._step, self._call = -1, 0
+
+    def new_forward(self, module, *args, **kwargs):
+        step = self.steps_seen[-1]  # pre_forward ran first and found the call's step
+        self._call = self._call + 1 if step == self._step else 0
+        self._step = step
+        keep = self.use_cache and step < len(self.levels) - 1
+        key = (self.batch, self.context, tuple(self.levels[: step + 1]), self._call)
+        if keep:
+            cached = self.cache.get(key)
+            if cached is not None:
+                return cached
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        self.cache.calls_run += 1
+        if keep:
+            self.cache.put(key, output)
+        return output
+
+
+def install_schedule(bank: Bank, pipe, levels: Sequence[str], timestep_scale: float = 1.0,
+                     cache=None) -> ScheduleHook:
+    """Registers a `ScheduleHook` on the bank's denoiser (after the bank's own hook, so it runs first); with a
+    `PrefixCache`, one that reuses the outputs of shared prefixes (`CachingScheduleHook`)."""
     bank.check(levels)
     registry = HookRegistry.check_if_exists_or_initialize(bank.denoiser)
     if registry.get_hook(HOOK_NAME) is not None:
         raise QschedError("this denoiser already follows a schedule; call .remove() on the first before applying another")
-    hook = ScheduleHook(bank, pipe, levels, timestep_scale)
+    hook = (ScheduleHook(bank, pipe, levels, timestep_scale) if cache is None
+            else CachingScheduleHook(bank, pipe, levels, timestep_scale, cache))
     registry.register_hook(hook, HOOK_NAME)
     return hook
 

@@ -32,7 +32,8 @@ from qsched_search.quant.kernels import KernelChoice
 from qsched_search.quant.levels import Menu
 from qsched_search.quant.targets import layer_rule, repeated_block_prefixes, select_layers
 
-__all__ = ["BACKENDS", "COMPILE_MODES", "Bank", "CallStats", "default_compile", "dtype_name", "installed_bank", "measure_call"]
+__all__ = ["BACKENDS", "COMPILE_MODES", "Bank", "CallStats", "default_compile", "dtype_name", "installed_bank", "measure_call",
+           "plan_layers"]
 
 BACKENDS = ("sim", "torchao")
 COMPILE_MODES = ("full", "regional", "none")
@@ -98,6 +99,32 @@ def installed_bank(denoiser: nn.Module) -> "Bank | None":
     return None if hook is None else hook.bank
 
 
+def plan_layers(denoiser: nn.Module, menu: Menu, levels: Sequence[str], exclude: Sequence[str],
+                kernels: Mapping[str, KernelChoice | None], rows: Mapping[str, int] | None = None,
+                compile: str | None = None, layers: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
+    """Level -> the module names it quantizes, by the target's rule (or as `layers` records them), building nothing.
+
+    Both banks call this, so a level quantizes the same layers in the simulation and on the real kernels.
+    """
+    compile = compile or default_compile(denoiser)
+    # The compile scope narrows torchao's layers only; target generic rounds every Linear and Conv2d not excluded.
+    regions = repeated_block_prefixes(denoiser) if compile == "regional" and menu.target == "torchao" else None
+    modules = dict(denoiser.named_modules())
+    model_dtype = dtype_name(denoiser)
+    out = {}
+    for name in levels:
+        if layers is not None and name in layers:
+            missing = [n for n in layers[name] if n not in modules]
+            if missing:
+                raise QschedError(f"level {name!r} is recorded to quantize {missing[0]!r}, which this denoiser does not "
+                                  f"have ({len(missing)} such names); apply the schedule to the model it was searched on")
+            out[name] = list(layers[name])
+        else:
+            rule = layer_rule(menu[name], menu, model_dtype, kernels.get(name))
+            out[name] = select_layers(denoiser, rule, exclude, rows, regions)
+    return out
+
+
 @dataclass
 class _State:
     active: str
@@ -152,21 +179,16 @@ class Bank(ABC):
         menu.select(self.levels)  # an unknown name fails here, naming the menu's levels
         self.exclude = [*exclude, *menu.extra_exclude]
         self.model_dtype = dtype_name(denoiser)
+        if not menu[reference].runs_as_is(self.model_dtype):
+            raise QschedError(f"reference level {reference!r} would round the pipeline ({menu[reference].describe()}); the "
+                              f"reference must be its own precision: a level of format 'reference' or a cast to {self.model_dtype}")
         self.stats = measure_call(denoiser, *calibration) if calibration is not None else None
         self.kernels: dict[str, KernelChoice | None] = {name: self._kernel(name) for name in self.levels}
-        # The compile scope narrows torchao's layers only; target generic rounds every Linear and Conv2d not excluded.
-        regions = repeated_block_prefixes(denoiser) if compile == "regional" and menu.target == "torchao" else None
-        self.quantized_layers: dict[str, list[str]] = {}
+        self.quantized_layers = plan_layers(denoiser, menu, self.levels, self.exclude, self.kernels,
+                                            None if self.stats is None else self.stats.rows, compile, layers)
         for name in self.levels:
-            if layers is not None and name in layers:
-                self.quantized_layers[name] = self._check_layers(name, layers[name])
-            else:
-                rule = layer_rule(menu[name], menu, self.model_dtype, self.kernels[name])
-                self.quantized_layers[name] = select_layers(denoiser, rule, self.exclude,
-                                                            None if self.stats is None else self.stats.rows, regions)
             # A level that runs the pipeline as it is (a second reference, a cast to its own dtype) quantizes nothing.
-            runs_as_is = menu[name].is_reference or (menu[name].format == "cast" and menu[name].dtype == self.model_dtype)
-            if name != reference and not runs_as_is and not self.quantized_layers[name]:
+            if name != reference and not menu[name].runs_as_is(self.model_dtype) and not self.quantized_layers[name]:
                 raise QschedError(f"precision level {name!r} quantizes no layer of the denoiser under target "
                                   f"{menu.target} (after excluding {self.exclude}); drop the level or change the target")
         self._state = _State(active=reference)
@@ -258,14 +280,6 @@ class Bank(ABC):
                            for name in self.levels}}
 
     # ------------------------------------------------------------------------------------------- internals
-
-    def _check_layers(self, level: str, names: Sequence[str]) -> list[str]:
-        modules = dict(self.denoiser.named_modules())
-        missing = [n for n in names if n not in modules]
-        if missing:
-            raise QschedError(f"level {level!r} is recorded to quantize {missing[0]!r}, which this denoiser does not "
-                              f"have ({len(missing)} such names); apply the schedule to the model it was searched on")
-        return list(names)
 
     def _counted_modules(self):
         """(name, module) pairs whose calls measure the layers' MACs (the simulation counts its wrappers)."""

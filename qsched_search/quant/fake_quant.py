@@ -155,14 +155,16 @@ class LinearRecipe:
         self.recipe = recipe
         w = weight.detach()
         per_row = level.weight_granularity != "per_tensor"
+        # Quantized values are held in their own dtypes (float8, int8) and widened at each call: a bank of several
+        # levels of a large model then costs about what the real kernels' weights cost.
         if recipe == "fp8":
             self.dtype = DTYPES[level.dtype]
             self.per_row = per_row
-            q, s = torchao_float8(w, self.dtype, per_row)
-            self.weight = q.to(torch.float32) * s  # what _scaled_mm multiplies by, in float32
+            self.q, self.scale = torchao_float8(w, self.dtype, per_row)
         elif recipe in ("int8-dynamic", "int8-weight"):
             self.per_row_act = level.act_granularity != "per_tensor"
-            self.q, self.scale = torchao_int8_symmetric(w, per_row)
+            q, self.scale = torchao_int8_symmetric(w, per_row)
+            self.q = q.to(torch.int8)
         elif recipe == "int4-tinygemm":
             self.weight = torchao_int4_tinygemm(w, level.group_size)
         else:
@@ -178,7 +180,8 @@ class LinearRecipe:
         x2 = x.reshape(-1, shape[-1])
         if self.recipe == "fp8":
             xq, xs = torchao_float8(x2, self.dtype, self.per_row)
-            y = (xq.to(torch.float32) * xs) @ self.weight.t()  # _scaled_mm: float32 accumulation, bias in the epilogue
+            w = self.q.to(torch.float32) * self.scale
+            y = (xq.to(torch.float32) * xs) @ w.t()  # _scaled_mm: float32 accumulation, bias in the epilogue
             if bias is not None:
                 y = y + bias.to(torch.float32)
             y = y.to(out_dtype)

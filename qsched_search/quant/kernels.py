@@ -84,7 +84,7 @@ def _granularity(name: str):
 
 @register_kernel("identity")
 def _identity(level: Level, model_dtype: str) -> KernelChoice | None:
-    if level.is_reference or (level.format == "cast" and level.dtype == model_dtype):
+    if level.runs_as_is(model_dtype):
         return KernelChoice(level.name, "none (the pipeline's own dtype)", "identity")
     return None
 

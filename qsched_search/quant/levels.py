@@ -71,6 +71,11 @@ class Level:
     def is_reference(self) -> bool:
         return self.format == "reference"
 
+    def runs_as_is(self, model_dtype: str) -> bool:
+        """Whether this level leaves a pipeline of `model_dtype` (e.g. "bfloat16") as it is: the reference format,
+        or a cast to the pipeline's own dtype. Such a level can be a run's reference."""
+        return self.is_reference or (self.format == "cast" and self.dtype == model_dtype)
+
     @property
     def quantizes_activations(self) -> bool:
         return not self.is_reference and not (self.format == "int" and self.act_bits >= 16)

@@ -108,7 +108,7 @@ class SimulatedBank(Bank):
 
     def _kernel(self, level: str) -> KernelChoice | None:
         lv = self.menu[level]
-        if lv.is_reference:
+        if lv.runs_as_is(self.model_dtype):
             return KernelChoice(level, "none", "identity")
         if self.menu.target != "torchao":
             return None
@@ -116,7 +116,7 @@ class SimulatedBank(Bank):
 
     def kernel(self, level: str) -> str:
         lv, choice = self.menu[level], self.kernels[level]
-        if lv.is_reference:
+        if lv.runs_as_is(self.model_dtype):
             return "none (the pipeline's own dtype)"
         if choice is None:
             return f"simulated: {lv.describe()} ({self.menu.target} target; no torchao kernel)"

@@ -46,7 +46,7 @@ class LayerRule:
 
 def layer_rule(level: Level, menu: Menu, model_dtype: str, kernel: KernelChoice | None = None) -> LayerRule:
     """The rule `level` follows under `menu.target`; `kernel` defaults to the level's torchao kernel, if any."""
-    if level.is_reference:
+    if level.runs_as_is(model_dtype):
         return LayerRule(types=())
     if menu.target == "generic":
         return LayerRule(types=(nn.Linear, nn.Conv2d))

@@ -104,9 +104,6 @@ class RealKernelBank(Bank):
     def __init__(self, denoiser, menu, levels, reference, exclude=(), *, compile_mode: str | None = None,
                  cuda_graphs: bool = False, **kwargs):
         super().__init__(denoiser, menu, levels, reference, exclude, **kwargs)
-        if not self.kernels[reference].is_identity:
-            raise QschedError(f"reference level {reference!r} would quantize ({menu[reference].describe()}); the reference "
-                              f"must be the pipeline's own precision: a level of format 'reference' or 'cast' to {self.model_dtype}")
         device = next(denoiser.parameters()).device
         if cuda_graphs and device.type != "cuda":
             raise QschedError(f"cuda_graphs=True needs the denoiser on a CUDA device; it is on {device}; pass cuda_graphs=False")

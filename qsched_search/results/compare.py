@@ -11,7 +11,7 @@ import numpy as np
 from qsched_search.results.metric_facts import facts
 from qsched_search.results.records import Measurement
 
-__all__ = ["PairedDifference", "better", "compare_paired", "paired_difference"]
+__all__ = ["PairedDifference", "better", "budget_sentence", "compare_paired", "paired_difference"]
 
 CONFIDENCE = 0.95
 BOOTSTRAP_ROUNDS = 2000
@@ -96,3 +96,29 @@ def compare_paired(a: Measurement | None, b: Measurement | None, metric: str, ba
         return None
     diff = paired_difference(ea.per_image, eb.per_image, facts(metric).higher_is_better)
     return {"baseline": baseline, "metric": metric, "baseline_value": eb.value, **diff.to_dict()}
+
+
+_COST_WORDS = {"bops": "bit-operations", "memory": "weight memory", "latency": "step latency"}
+
+
+def budget_sentence(schedule: dict) -> str:
+    """One sentence of what a schedule.json's budget bought, read from its paired comparison with the best uniform
+    level of equal or lower cost, e.g. "at 66.8% of fp32's bit-operations: lpips 0.0059, 77% below the best uniform
+    level (w4a8, 0.025); paired difference -0.019, 95% CI [-0.024, -0.015] over 64 samples: better"."""
+    model = schedule["budget"]["cost_model"]
+    spent = f"at {schedule['cost'][model]:.1%} of {schedule['reference']}'s {_COST_WORDS.get(model, model)}"
+    q = schedule["quality"]
+    own = f"{q['metric']} {q['value']:.3g}"
+    c = schedule.get("comparison")
+    if not c and len(set(schedule["levels"])) == 1:
+        return f"{spent}: {own}; the best schedule within the budget is uniform {schedule['levels'][0]}"
+    if not c:
+        return f"{spent}: {own} (no uniform level of equal or lower cost measured on the same samples to compare with)"
+    base = c["baseline"].split(",")[0]
+    b = c.get("baseline_value")
+    rel = c["difference"] / b if b else math.nan
+    where = f"{abs(rel):.0%} {'below' if rel < 0 else 'above'} " if math.isfinite(rel) else "against "
+    return (f"{spent}: {own}, {where}the best uniform level ({base}, {b:.3g}); paired difference "
+            f"{c['difference']:+.3g}, 95% CI [{c['ci_low']:+.3g}, {c['ci_high']:+.3g}] over {c['n']} samples: "
+            f"{c['verdict']}")
+

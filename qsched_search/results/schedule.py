@@ -201,9 +201,7 @@ class Schedule:
     def menu(self) -> Menu | None:
         """The precision menu recorded in the file (`menu` field), or None if the file has none."""
         raw = self.extras.get("menu")
-        if not raw:
-            return None
-        return menu_from_dict(raw, source="schedule.json menu")
+        return menu_from_dict(raw, source="schedule.json menu") if raw else None
 
     def validate(self, menu: Menu) -> "Schedule":
         """Checks every level and the reference against `menu`; returns self so that calls chain."""
@@ -214,9 +212,9 @@ class Schedule:
         if self.reference not in menu.levels:
             raise QschedError(f"schedule reference = {self.reference!r} is not in the precision menu {menu.source or ''}; "
                               f"allowed: {', '.join(n for n, lv in menu.levels.items() if lv.is_reference)}")
-        if not menu[self.reference].is_reference:
+        if menu[self.reference].format not in ("reference", "cast"):
             raise QschedError(f"schedule reference = {self.reference!r} has format {menu[self.reference].format!r}; "
-                              f"allowed: a level of format 'reference' ({', '.join(n for n, lv in menu.levels.items() if lv.is_reference)})")
+                              f"allowed: a level that runs the pipeline as it is (format 'reference' or 'cast')")
         return self
 
     # ------------------------------------------------------------------------------------------- JSON

@@ -188,4 +188,9 @@ def warm_start_schedules(levels: Sequence[str], reference: str, steps: int, leve
         greedy = greedy_schedule(model, level_costs, budget)
         if greedy is not None:
             out.setdefault(greedy, "probe-greedy")
-    return list(out.items())
+    # The predicted optimum right after the uniform schedules, the other probe picks grouped by prefix: schedules
+    # measured one after another then share their first steps' denoiser outputs (the rollout's prefix cache).
+    items = list(out.items())
+    uniform = [i for i in items if i[1] == "uniform"]
+    picks = [i for i in items if i[1] != "uniform"]
+    return uniform + picks[:1] + sorted(picks[1:], key=lambda item: item[0])

@@ -51,9 +51,13 @@ class Cell:
 
 
 def probe_cells(levels: Sequence[str], reference: str, steps: int) -> list[Cell]:
-    """The noise floor first, then every (step, level) swap, then each uniform schedule."""
+    """The noise floor first, then every (step, level) swap step by step, then each uniform schedule.
+
+    Step by step, so that the reference prefix a cell shares with the all-reference run is still cached when it
+    runs; the uniform schedules come after the step-0 cells whose first step they share.
+    """
     cells = [Cell("reference", reference)]
-    cells += [Cell("step", level, step) for level in levels for step in range(steps)]
+    cells += [Cell("step", level, step) for step in range(steps) for level in levels]
     cells += [Cell("uniform", level) for level in levels]
     return cells
 
@@ -133,11 +137,15 @@ def run_probe(evaluator, levels: Sequence[str], results: ResultsDir, settings: M
     cells = probe_cells(levels, reference, steps)
     for cell in cells:
         if cell.key not in store.done:
-            store.add(cell, evaluator.evaluate(cell.levels(reference, steps)).measurement)
+            # The noise floor is a real re-run of the reference: never answered from the prefix cache.
+            evaluation = evaluator.evaluate(cell.levels(reference, steps), use_cache=cell.kind != "reference")
+            store.add(cell, evaluation.measurement)
         if on_cell:
             on_cell(cell)
     measurements = {cell.key: store.done[cell.key] for cell in cells}
-    return ProbeResult(cells, measurements, probe_table(cells, measurements), key, time.time() - started, reused)
+    result = ProbeResult(cells, measurements, probe_table(cells, measurements), key, time.time() - started, reused)
+    result.fields["prefix_reuse"] = runner.cache.stats()
+    return result
 
 
 def write_probe(result: ProbeResult, results: ResultsDir, metric, fields: Mapping, title: str = "") -> list[Path]:
@@ -149,7 +157,7 @@ def write_probe(result: ProbeResult, results: ResultsDir, metric, fields: Mappin
     if metric is not None:
         plot_probe_heatmap(result.table, metric.name, metric.higher_is_better, results.probe_heatmap, title=title)
         files.append(results.probe_heatmap)
-    update_manifest(results.manifest, "probe", {**fields, "fingerprint": result.fingerprint,
+    update_manifest(results.manifest, "probe", {**fields, **result.fields, "fingerprint": result.fingerprint,
                                                 "cells_reused": result.reused, "seconds": round(result.seconds, 1)})
     files.append(results.manifest)
     return files

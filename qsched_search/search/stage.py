@@ -44,7 +44,8 @@ class SearchSettings:
     """What `qsched search` adds to the shared `RunSettings`.
 
     Args:
-        budget (`float`, defaults to 0.5): a fraction in (0, 1] of the all-reference cost.
+        budget (`float`, *optional*): a fraction in (0, 1] of the all-reference cost; the model family's
+            `default_budget` if None (0.5; 0.67 for the embedded model, whose quantizable layers are a third of it).
         cost_model (`str`, defaults to `"bops"`): `bops`, `memory` or `latency` (a `profile`, or, on the torchao
             backend, measured in this process).
         objective (`str`, *optional*): the metric to optimise; the family's first metric if None.
@@ -59,7 +60,7 @@ class SearchSettings:
             a trial silent for ten of them belongs to a dead worker and is queued again.
     """
 
-    budget: float = 0.5
+    budget: float | None = None
     cost_model: str = "bops"
     objective: str | None = None
     trials: int | None = None
@@ -72,7 +73,7 @@ class SearchSettings:
     heartbeat: int = HEARTBEAT_SECONDS
 
     def __post_init__(self):
-        if not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
+        if self.budget is not None and (not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1):
             raise QschedError(f"--budget {self.budget!r} is outside (0, 1]; allowed: a fraction of the all-reference cost "
                               "greater than 0 and at most 1, e.g. 0.5")
         if self.cost_model not in COST_MODELS:
@@ -233,6 +234,8 @@ def run_search(session, settings: SearchSettings, results: ResultsDir,
     """
     status = on_status or logger.info
     started = time.time()
+    if settings.budget is None:
+        settings = replace(settings, budget=session.model.family.default_budget)
     evaluator, bank = session.evaluator, session.bank
     metrics = {m.name: m for m in evaluator.metrics}
     objective = settings.objective or session.metric_names[0]
@@ -362,7 +365,8 @@ def run_search(session, settings: SearchSettings, results: ResultsDir,
         "warm_start": [{"schedule": schedule_key(lv), "source": src} for lv, src in warm],
         "probe": str(probe_path) if probe is not None else None, "probe_cells_reused": len(known),
         "schedule": list(result.schedule.levels), "quality": result.schedule.quality.to_dict(),
-        "cost": result.schedule.cost, "comparison": comparison, "seconds": round(time.time() - started, 1),
+        "cost": result.schedule.cost, "comparison": comparison, "prefix_reuse": session.runner.cache.stats(),
+        "seconds": round(time.time() - started, 1),
     }
     result.files = write_search(result, results, title=f"{session.model.model_id}, {steps} steps, budget "
                                                          f"{settings.budget:g} ({settings.cost_model})")
