@@ -31,7 +31,10 @@ def load_png(name: str) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def fmnist_test() -> tuple[torch.Tensor, list[str]]:
-    images, labels = DM.load_fashion_mnist("test")
+    try:
+        images, labels = DM.load_fashion_mnist("test")
+    except QschedError as exc:  # the Debian package is missing: say which, rather than error
+        pytest.skip(str(exc))
     return torch.from_numpy(images).float().div(255).unsqueeze(1), [CLASS_NAMES[i] for i in labels]
 
 
@@ -149,7 +152,7 @@ def test_frechet_eigen_form_matches_clean_fid():
 
 
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # dead judge features: the reference sqrtm's own notice
-def test_frechet_metrics_work_when_sqrtm_takes_no_disp_argument(monkeypatch, fmnist_test):
+def test_frechet_metrics_work_when_sqrtm_takes_no_disp_argument(monkeypatch):
     """SciPy 1.18 drops `sqrtm(A, disp=...)`; clean-fid's own frechet_distance passes disp=False. The metrics here
     must not depend on either: with a `sqrtm(A)` that only takes the matrix (and counts its calls), judge_fd and
     frechet_from_features give the eigenvalue form's values."""
@@ -172,8 +175,8 @@ def test_frechet_metrics_work_when_sqrtm_takes_no_disp_argument(monkeypatch, fmn
     assert calls == []  # the package never called sqrtm
     assert value == pytest.approx(_sqrtm_frechet(feats, mu_r, sigma_r, linalg.sqrtm), rel=1e-6)
     calls.clear()
-    # The judge's Frechet distance through the metric, and its interval.
-    images, _ = fmnist_test
+    # The judge's Frechet distance through the metric (against its shipped real statistics), and its interval.
+    images = torch.nn.functional.avg_pool2d(torch.rand(300, 1, 32, 32, generator=torch.Generator().manual_seed(0)), 3, 1, 1)
     metric, = M.build_metrics(["judge_fd"])
     metric.bootstrap_rounds = 20
     est = metric.score(images[:300], None, [])
