@@ -26,3 +26,22 @@ def quiet_libraries(verbose: bool = False) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    _drop_messages("torch.utils._pytree", "is an Enum subclass and is now natively supported")
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _drop_messages(logger: str, text: str) -> None:
+    """Drops one named message of one library logger: torchao registering its enums with torch's pytree logs a
+    deprecation line at import, through torch's own logging setup (whose levels torch._dynamo re-applies, so a level
+    set here does not hold; a filter on the logger does)."""
+    target = logging.getLogger(logger)
+    if not any(isinstance(f, _DropMessage) and f.text == text for f in target.filters):
+        target.addFilter(_DropMessage(text))

@@ -133,7 +133,7 @@ def build_tiny_flux_pipeline():
     tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
     text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2,
                                              num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0,
-                                             pad_token_id=0, eos_token_id=1))
+                                             pad_token_id=0, eos_token_id=1)).eval()  # T5's dropout is 0.1: off, as loaded
     vae = _tiny_vae(block_out_channels=(4,), down_block_types=("DownEncoderBlock2D",),
                     up_block_types=("UpDecoderBlock2D",), latent_channels=1, norm_num_groups=1, layers_per_block=1,
                     use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)

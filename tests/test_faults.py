@@ -74,3 +74,24 @@ def test_a_temporary_left_by_a_killed_write_is_cleared_by_the_next_run(tmp_path)
         check_writable(tmp_path)
         assert live.exists()
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["images", "trials.csv"]
+
+
+@pytest.mark.slow
+def test_bad_inputs_print_one_line_through_the_real_entry_point(tmp_path):
+    """The table's bad-input rows through `python -m qsched_search` in fresh processes: exactly one line on stderr,
+    the row's message in it, no library warning before it, and the row's exit code."""
+    import subprocess
+    import sys
+
+    rows = [f for f in FAULTS if f.kind == "bad-input" and f.inject is None]
+    assert len(rows) >= 8
+    procs = []
+    for k, fault in enumerate(rows):
+        args = [*fault.args, "--out", str(tmp_path / str(k))]
+        procs.append((fault, subprocess.Popen([sys.executable, "-m", "qsched_search", *args], stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, text=True)))
+    for fault, proc in procs:
+        out, err = proc.communicate(timeout=600)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode == fault.code, (fault.name, err)
+        assert len(lines) == 1 and lines[0].startswith("error:") and fault.message in lines[0], (fault.name, err)
