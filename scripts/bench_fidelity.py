@@ -158,6 +158,9 @@ def part_picks(out: Out, args) -> None:
         for key, (value, cost) in tables[backend].items():
             out.add("exhaustive", {"backend": backend, "schedule": key, "bops": cost, "lpips": value,
                                    "n": len(eval_set)})
+    write_picks(out, tables)
+
+
 def write_picks(out: Out, tables: dict[str, dict[str, tuple[float, float]]]) -> None:
     """picks.csv: the schedule each backend's table picks at each budget (best LPIPS within it, ties: the cheaper)."""
     for budget in PICK_BUDGETS:

@@ -43,7 +43,7 @@ from qsched_search.results.provenance import command_line, device_name, now, ver
 from tests.reliability import running_trial  # noqa: E402
 
 COLUMNS = ["run", "workers", "gpus", "schedules", "measured", "evals_per_min", "efficiency", "lost", "duplicated",
-           "killed_trial", "retried", "front_equal", "span_s", "wall_s", "storage"]
+           "killed_trial", "retried", "taken_over", "front_equal", "span_s", "wall_s", "storage"]
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -206,10 +206,16 @@ def run(args, k: int, gpus: int, url: str, storage, out: Path, kill: bool) -> di
         cut = cut or sorted({t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs})
         killed = cut[0] if cut else None
     retried = killed is not None and any(t.system_attrs.get("failed_trial") == killed for t in trials)
+    # A killed trial may have been waiting on a lower-numbered trial of another worker that claimed the same
+    # schedule (both proposed it at once): that one measures it, so there is nothing to retry.
+    claim = next((t.user_attrs.get("claim") for t in trials if t.number == killed), None)
+    taken_over = claim is not None and any(t.number != killed and t.user_attrs.get("schedule") == claim
+                                           and "evaluation" in t.user_attrs and t.datetime_complete for t in trials)
     return {"workers": k, "gpus": min(k, gpus) if args.device.startswith("cuda") else 0, "schedules": space,
             "measured": len(set(keys)), "evals_per_min": len(keys) / span * 60 if span > 0 else float("nan"),
             "lost": space - len(set(keys)), "duplicated": len(keys) - len(set(keys)), "killed_trial": killed,
-            "retried": retried if killed is not None else None, "span_s": round(span, 2), "wall_s": round(wall, 2),
+            "retried": retried if killed is not None else None,
+            "taken_over": (retried or taken_over) if killed is not None else None, "span_s": round(span, 2), "wall_s": round(wall, 2),
             "front": study_front(trials, args.objective)}
 
 

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from qsched_search.errors import QschedError
-from qsched_search.quant.backends import check_levels, resolve_backend
+from qsched_search.quant.backends import check_levels, default_precisions, resolve_backend
 from qsched_search.quant.bank import installed_bank
 from qsched_search.quant.kernels import kernel_for, real_kernel_levels
 from qsched_search.quant.levels import Level, Menu, load_menu
@@ -57,6 +57,17 @@ def test_backend_names_resolve_by_device():
         resolve_backend("torchao", "cpu")
     with pytest.raises(QschedError, match="--backend 'fake-quant' is not one of auto, sim, torchao"):
         resolve_backend("fake-quant", "cpu")
+
+
+def test_omitted_precisions_are_levels_the_chosen_backend_runs():
+    menu = load_menu()
+    assert default_precisions("auto", "cpu", "float32", menu) == ("w8a8", "w4a8", "w4a4")
+    assert default_precisions("auto", "cuda", "bfloat16", menu) == ("fp8", "w8a8", "w4a16")
+    assert default_precisions("torchao", "cuda:0", "float32", menu) == ("fp8", "w8a8")  # int4 needs bfloat16
+    for dtype in ("float32", "bfloat16"):
+        check_levels("torchao", menu, default_precisions("auto", "cuda", dtype, menu), dtype)
+    with pytest.raises(QschedError, match="needs --device cuda"):
+        default_precisions("torchao", "cpu", "float32", menu)
 
 
 def test_real_kernel_levels_of_the_default_menu():

@@ -27,7 +27,9 @@ def test_two_workers_and_a_killed_one_lose_nothing_and_keep_the_front(tmp_path):
     assert (frame.schedules == 9).all() and (frame.measured == 9).all()
     assert (frame["lost"] == 0).all() and (frame["duplicated"] == 0).all() and frame["front_equal"].all()
     killed = frame.iloc[2]
-    assert killed.killed_trial >= 0 and bool(killed.retried), result.stdout[-2000:]
+    # The dead worker's trial was retried, or its schedule was measured by the other worker's trial that
+    # claimed it first; either way no schedule waits on the dead one.
+    assert killed.killed_trial >= 0 and bool(killed.taken_over), result.stdout[-2000:]
     assert frame.efficiency.iloc[0] == 1.0 and (frame.evals_per_min > 0).all()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["device"].startswith("cpu") and summary["storage"] and (out / "scaling.png").is_file()

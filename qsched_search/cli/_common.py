@@ -58,7 +58,9 @@ def split_list(value: str | None) -> tuple[str, ...]:
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'embedded' (the shipped Fashion-MNIST LCM), a local diffusers pipeline folder, or a hub id.")]
 FamilyOpt = Annotated[str, typer.Option("--family", help="Model family (a file in configs/families, e.g. sdxl-turbo); detected from the pipeline if omitted.")]
 StepsOpt = Annotated[int, typer.Option("--steps", "-s", help="Denoising steps.")]
-PrecisionsOpt = Annotated[str, typer.Option("--precisions", "-p", help="Comma-separated lower levels from the menu (see `qsched precisions`).")]
+PrecisionsOpt = Annotated[str, typer.Option("--precisions", "-p", help=(
+    "Comma-separated lower levels from the menu (see `qsched precisions`); if omitted, w8a8,w4a8,w4a4 on the "
+    "simulation and fp8,w8a8,w4a16 on the real kernels (w4a16 only for a bfloat16 pipeline)."))]
 ReferenceOpt = Annotated[str, typer.Option("--reference", help="The pipeline's own level, that every delta is measured against.")]
 SamplesOpt = Annotated[int, typer.Option("--samples", "-n", help="Samples per schedule (prompts cycle; sample k uses seed+k).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Base seed.")]

@@ -24,7 +24,7 @@ def probe(
     model: ModelOpt = "embedded",
     family: FamilyOpt = "",
     steps: StepsOpt = 4,
-    precisions: PrecisionsOpt = "w8a8,w4a8,w4a4",
+    precisions: PrecisionsOpt = "",
     reference: ReferenceOpt = "fp32",
     samples: SamplesOpt = 64,
     seed: SeedOpt = 0,
@@ -53,7 +53,10 @@ def probe(
     from qsched_search.search.probe import probe_cells, run_probe, write_probe
 
     started = time.time()
-    settings = RunSettings(model=model, steps=steps, precisions=split_list(precisions), reference=reference,
+    from qsched_search.quant.backends import default_precisions
+
+    levels = split_list(precisions) or default_precisions(backend.value, device, dtype, menu or None)
+    settings = RunSettings(model=model, steps=steps, precisions=levels, reference=reference,
                            samples=samples, seed=seed, prompts=read_prompts(prompts), metrics=split_list(metrics),
                            device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
                            weights_dir=weights_dir or None, family=family or None, backend=backend.value,

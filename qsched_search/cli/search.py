@@ -49,7 +49,7 @@ def search(
     family: FamilyOpt = "",
     steps: StepsOpt = 4,
     budget: Annotated[Optional[float], typer.Option("--budget", "-b", help="Cost budget: a fraction in (0, 1] of running every step at the reference level; the model family's default if omitted (0.5; 0.67 for the embedded model).", show_default=False)] = None,
-    precisions: PrecisionsOpt = "w8a8,w4a8,w4a4",
+    precisions: PrecisionsOpt = "",
     reference: ReferenceOpt = "fp32",
     cost: Annotated[CostModel, typer.Option("--cost", help="Cost model: bops (bit-operations), memory (weight bytes) or latency (measured here with --backend torchao on a GPU, or read from --profile).")] = CostModel.bops,
     objective: Annotated[str, typer.Option("--objective", help="The metric to optimise; the model family's first metric (lpips for the embedded model) if omitted.")] = "",
@@ -114,7 +114,10 @@ def search(
                                      heartbeat=heartbeat)
     joint = (JointSettings(loss=coefficients_loss.value, trials=coefficients_trials, samples=coefficients_samples,
                            candidates=coefficients_candidates) if with_coefficients else None)
-    settings = RunSettings(model=model, steps=steps, precisions=split_list(precisions), reference=reference,
+    from qsched_search.quant.backends import default_precisions
+
+    levels = split_list(precisions) or default_precisions(backend.value, device, dtype, menu or None)
+    settings = RunSettings(model=model, steps=steps, precisions=levels, reference=reference,
                            samples=samples, seed=seed, prompts=read_prompts(prompts), metrics=split_list(metrics),
                            device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
                            weights_dir=weights_dir or None, family=family or None, backend=backend.value,

@@ -6,12 +6,16 @@ from typing import Sequence
 
 from qsched_search.errors import QschedError
 from qsched_search.quant.bank import Bank
-from qsched_search.quant.kernels import kernel_for
-from qsched_search.quant.levels import Menu
+from qsched_search.quant.kernels import kernel_for, real_kernel_levels
+from qsched_search.quant.levels import Menu, load_menu
 
-__all__ = ["BACKEND_CHOICES", "bank_class", "build_bank", "check_levels", "resolve_backend"]
+__all__ = ["BACKEND_CHOICES", "DEFAULT_PRECISIONS", "bank_class", "build_bank", "check_levels", "default_precisions",
+           "resolve_backend"]
 
 BACKEND_CHOICES = ("auto", "sim", "torchao")
+# The levels probed and searched when --precisions is omitted: on the simulation the integer ladder down to 4-bit
+# activations; on the real kernels the fast levels torchao runs (those of them the pipeline's dtype allows).
+DEFAULT_PRECISIONS = {"sim": ("w8a8", "w4a8", "w4a4"), "torchao": ("fp8", "w8a8", "w4a16")}
 
 
 def resolve_backend(backend: str, device: str) -> str:
@@ -24,6 +28,16 @@ def resolve_backend(backend: str, device: str) -> str:
         raise QschedError(f"--backend torchao runs torchao's GPU kernels and needs --device cuda, got --device {device}; "
                           "use --backend sim on a CPU")
     return backend
+
+
+def default_precisions(backend: str, device: str, dtype: str, menu: Menu | str | None = None) -> tuple[str, ...]:
+    """`DEFAULT_PRECISIONS` of the backend `backend` resolves to on `device`; on the real kernels only the levels with
+    a kernel for a `dtype` pipeline (int4 weight-only needs bfloat16)."""
+    resolved = resolve_backend(backend, device)
+    if resolved == "sim":
+        return DEFAULT_PRECISIONS["sim"]
+    runnable = set(real_kernel_levels(menu if isinstance(menu, Menu) else load_menu(menu), dtype))
+    return tuple(name for name in DEFAULT_PRECISIONS["torchao"] if name in runnable)
 
 
 def bank_class(backend: str) -> type[Bank]:
