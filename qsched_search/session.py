@@ -10,6 +10,7 @@ import torch
 from qsched_search.errors import QschedError
 from qsched_search.eval.evaluate import ScheduleEvaluator
 from qsched_search.pipeline.loading import LoadedModel, load_model
+from qsched_search.pipeline.prefix_cache import PrefixCache
 from qsched_search.pipeline.rollout import EvalSet, Runner, capture_denoiser_call, make_eval_set
 from qsched_search.quant.backends import build_bank, check_levels, resolve_backend
 from qsched_search.quant.bank import COMPILE_MODES, Bank
@@ -102,7 +103,7 @@ class Session:
 
 
 def open_session(settings: RunSettings, keep_images: bool = False, metrics: bool = True, menu: Menu | None = None,
-                 layers: dict | None = None) -> Session:
+                 layers: dict | None = None, prefix_cache_mb: float | None = None) -> Session:
     """Loads the model, records one denoiser call, builds the bank and the metrics; checks names before heavy work.
 
     Args:
@@ -111,7 +112,11 @@ def open_session(settings: RunSettings, keep_images: bool = False, metrics: bool
         metrics (`bool`, defaults to True): build the metrics (False for generate and profile).
         menu (`Menu`, *optional*): overrides `settings.menu` (a schedule file carries the menu it was searched with).
         layers (`dict`, *optional*): level -> module names, as a schedule recorded them (see `Bank`).
+        prefix_cache_mb (`float`, *optional*): memory for reused denoising prefixes (`PrefixCache`), in MiB; 0 turns
+            reuse off; None sizes it from the first schedule run. Not a setting: reuse never changes a number.
     """
+    if prefix_cache_mb is not None and not prefix_cache_mb >= 0:
+        raise QschedError(f"--prefix-cache-mb {prefix_cache_mb} is negative; pass 0 to turn prefix reuse off")
     menu = menu or load_menu(settings.menu)
     levels = list(dict.fromkeys([settings.reference, *settings.precisions]))
     menu.select(levels)
@@ -140,7 +145,8 @@ def open_session(settings: RunSettings, keep_images: bool = False, metrics: bool
                                                                      "num_inference_steps": settings.steps})
     bank = build_bank(settings.backend, model.denoiser, menu, levels[1:], settings.reference, list(model.family.exclude),
                       calibration=calibration, compile=settings.compile, cuda_graphs=settings.cuda_graphs, layers=layers)
-    runner = Runner(model, bank, settings.steps, eval_set, settings.batch_size, settings.call_kwargs)
+    cache = PrefixCache(None if prefix_cache_mb is None else int(prefix_cache_mb * 2**20))
+    runner = Runner(model, bank, settings.steps, eval_set, settings.batch_size, settings.call_kwargs, prefix_cache=cache)
     evaluator = ScheduleEvaluator(runner, metric_objs, keep_images=keep_images)
     return Session(replace(settings, compile=bank.compile), model, menu, bank, eval_set, runner, evaluator, metric_names,
                    calibration)

@@ -52,7 +52,7 @@ def measured_once(trials_csv: Path) -> tuple[int, int]:
     """(schedules measured, schedules measured more than once) in a trials.csv: a trial measured its schedule
     when it completed or failed with a reason (a trial cut off by a kill or Ctrl-C measured nothing)."""
     trials = pd.read_csv(trials_csv)
-    reason = trials["fail_reason"].fillna("").astype(str)
+    reason = trials["fail_reason"].astype(object).fillna("").astype(str)  # an all-empty column reads as float
     ran = (trials["state"] == "COMPLETE") | (reason.ne("") & ~reason.str.startswith("interrupted"))
     measured = trials[(trials["source"] != "cache") & ran]["schedule"]
     return int(measured.nunique()), int(measured.duplicated().sum())

@@ -51,6 +51,14 @@ def test_same_command_gives_the_same_csv(probed, tmp_path):
     assert (tmp_path / "probe.csv").read_text() == ResultsDir(probed).probe_csv.read_text()
 
 
+def test_prefix_reuse_off_runs_every_call_and_gives_the_same_table(probed, tmp_path):
+    result = run(*FAST, "--prefix-cache-mb", "0", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "probe.csv").read_text() == ResultsDir(probed).probe_csv.read_text()
+    assert "0 answered from shared prefixes" in result.output
+    assert "0 answered from shared prefixes" not in run(*FAST, "--out", str(tmp_path / "again")).output
+
+
 def test_killed_probe_resumes_from_its_finished_cells(probed, tmp_path, monkeypatch):
     # Keep the first three finished cells, as if the process died during the fourth.
     lines = ResultsDir(probed).probe_cells.read_text().splitlines()
@@ -82,6 +90,7 @@ def test_changed_settings_do_not_reuse_old_cells(probed, tmp_path):
     (["--samples", "0"], "--samples must be at least 1"),
     (["--metrics", "clip"], "clip"),
     (["--reference", "w8a8"], "--reference 'w8a8' would round a float32 pipeline"),
+    (["--prefix-cache-mb", "-1"], "--prefix-cache-mb -1.0 is negative"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = run(*FAST, *args, "--out", str(tmp_path / "out"))

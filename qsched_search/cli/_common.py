@@ -69,6 +69,9 @@ MetricsOpt = Annotated[str, typer.Option("--metrics", help="Comma-separated metr
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda[:N]; nothing is moved implicitly.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="The pipeline's own dtype: float32, bfloat16 or float16.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per pipeline call.")]
+PrefixCacheOpt = Annotated[Optional[float], typer.Option("--prefix-cache-mb", help=(
+    "Memory for reused denoising prefixes, in MiB (schedules sharing their first steps' levels skip those denoiser "
+    "calls, with the same images bit for bit); 0 turns reuse off; default: 128 steps' outputs of the evaluation set."))]
 MenuOpt = Annotated[str, typer.Option("--menu", help="Precision menu YAML; configs/precisions.yaml if omitted.")]
 class BackendChoice(str, enum.Enum):
     auto = "auto"

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qsched_search.cli._common import (BackendChoice, BackendOpt, BatchOpt, CompileOpt, CudaGraphsOpt, DeviceOpt, DtypeOpt, FamilyOpt,
+from qsched_search.cli._common import (PrefixCacheOpt, BackendChoice, BackendOpt, BatchOpt, CompileOpt, CudaGraphsOpt, DeviceOpt, DtypeOpt, FamilyOpt,
                                        MenuOpt, MetricsOpt, ModelOpt, PrecisionsOpt, PromptsOpt, ReferenceOpt, SamplesOpt,
                                        SeedOpt, StepsOpt, VerboseOpt, WeightsOpt, console, reuse_line, split_list,
                                        user_errors)
@@ -38,6 +38,7 @@ def probe(
     backend: BackendOpt = BackendChoice.auto,
     compile: CompileOpt = None,
     cuda_graphs: CudaGraphsOpt = False,
+    prefix_cache_mb: PrefixCacheOpt = None,
     out: Annotated[str, typer.Option("--out", "-o", help="Results folder.")] = "results/probe",
     verbose: VerboseOpt = False,
 ):
@@ -63,7 +64,7 @@ def probe(
                            compile=compile.value if compile else None, cuda_graphs=cuda_graphs)
     results = ResultsDir(out)
     check_writable(results.root, "--out")
-    session = open_session(settings)
+    session = open_session(settings, prefix_cache_mb=prefix_cache_mb)
     try:
         described = session.describe()
         cells = probe_cells(settings.precisions, reference, steps)

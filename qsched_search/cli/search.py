@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qsched_search.cli._common import (BackendChoice, BackendOpt, BatchOpt, CompileOpt, CudaGraphsOpt, DeviceOpt,
+from qsched_search.cli._common import (PrefixCacheOpt, BackendChoice, BackendOpt, BatchOpt, CompileOpt, CudaGraphsOpt, DeviceOpt,
                                        DtypeOpt, FamilyOpt, MenuOpt, ModelOpt, PrecisionsOpt, PromptsOpt, ReferenceOpt,
                                        SamplesOpt, SeedOpt, StepsOpt, VerboseOpt, WeightsOpt, console, reuse_line,
                                        split_list, user_errors)
@@ -72,6 +72,7 @@ def search(
     backend: BackendOpt = BackendChoice.auto,
     compile: CompileOpt = None,
     cuda_graphs: CudaGraphsOpt = False,
+    prefix_cache_mb: PrefixCacheOpt = None,
     out: Annotated[str, typer.Option("--out", "-o", help="Results folder (the probe's, to reuse its table).")] = "results/probe",
     workers: Annotated[int, typer.Option("--workers", "-w", help="Local worker processes sharing the study (each measures --trials new schedules); this one then writes the results.")] = 1,
     heartbeat: Annotated[int, typer.Option("--heartbeat", help="Seconds between a running trial's heartbeats in the study database; a trial silent for 10 of them is a dead worker's and runs again.")] = 60,
@@ -138,7 +139,7 @@ def search(
                                                             f"(logs: {results.root}/workers/*/log.txt)"),
                                       on_status=lambda msg: progress.console.print(msg, highlight=False))
         search_settings = replace(search_settings, storage=url, trials=0)
-    session = open_search_session(settings, search_settings.objective)
+    session = open_search_session(settings, search_settings.objective, prefix_cache_mb=prefix_cache_mb)
     try:
         columns = [TextColumn("[bold]search[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, console=console, transient=False) as progress:

@@ -122,7 +122,7 @@ def check_cost_source(settings: SearchSettings, backend: str) -> None:
                           "step latency is then measured in this process), or --profile FILE from `qsched profile`")
 
 
-def open_search_session(settings, objective: str | None = None):
+def open_search_session(settings, objective: str | None = None, prefix_cache_mb: float | None = None):
     """Opens a session whose metrics are the objective (the family's first metric if None) and `settings.metrics`.
 
     Only the metrics asked for are built, so a search does not pay for the family's slower default metrics.
@@ -130,6 +130,7 @@ def open_search_session(settings, objective: str | None = None):
     Args:
         settings (`RunSettings`): the shared settings; `metrics` are extra metrics measured for every schedule.
         objective (`str`, *optional*): the metric to optimise.
+        prefix_cache_mb (`float`, *optional*): see `open_session`.
 
     Returns:
         `Session`: close it with `session.close()`.
@@ -137,7 +138,7 @@ def open_search_session(settings, objective: str | None = None):
     from qsched_search.eval.metrics import build_metrics
     from qsched_search.session import open_session
 
-    session = open_session(replace(settings, metrics=()), metrics=False)
+    session = open_session(replace(settings, metrics=()), metrics=False, prefix_cache_mb=prefix_cache_mb)
     try:
         extra = list(settings.metrics)
         objective = objective or (extra[0] if extra else session.model.family.metrics[0])
