@@ -26,13 +26,14 @@ COEFFICIENTS_FRONT_COLUMNS = ["schedule", "cost", "metric", "value", "ci_low", "
                               "calibration_evaluations", "fail_reason"]
 
 
-def schedule_key(levels: Sequence[str]) -> str:
-    """A schedule's name in every table and cache: its levels comma-joined."""
-    return ",".join(levels)
+def schedule_key(levels: Sequence) -> str:
+    """A schedule's name in every table and cache: its steps' keys comma-joined (a step's key is its level, with
+    its per-layer overrides in braces if it has any: `qsched_search.results.assignment`)."""
+    return ",".join(str(s) for s in levels)
 
 
 def split_schedule(key) -> list[str]:
-    """The levels of a `schedule` cell (tolerates spaces a hand edit left)."""
+    """The step keys of a `schedule` cell (tolerates spaces a hand edit left); for a per-step schedule, its levels."""
     return [s.strip() for s in str(key).split(",") if s.strip()]
 
 
@@ -90,7 +91,8 @@ def uniform_rows(trials: pd.DataFrame, steps: int | None = None, metric: str | N
     """Completed uniform schedules (every step at one level), with a `level` column, cheapest first."""
     done = completed(trials, metric)
     parts = done["schedule"].map(split_schedule)
-    uniform = done[parts.map(lambda p: bool(p) and len(set(p)) == 1 and (steps is None or len(p) == steps))].copy()
+    uniform = done[parts.map(lambda p: bool(p) and len(set(p)) == 1 and "{" not in p[0]
+                             and (steps is None or len(p) == steps))].copy()
     uniform["level"] = uniform["schedule"].map(lambda s: split_schedule(s)[0])
     keys = ["cost"] + (["trial"] if "trial" in uniform.columns else [])
     return uniform.sort_values(keys, kind="stable")
