@@ -172,6 +172,13 @@ def test_real_kernel_bank_builds_one_shared_copy_per_assignment_and_matches_the_
                 # Assembled from the level copies' quantized modules: no weights of their own.
                 assert memory["assignment_extra_bytes"] < 0.01 * memory["denoiser_bytes"]
                 mixed = bank._mixed[a]
+                for name in bank.switchable_layers:  # each layer is its assigned level's module, and only that
+                    level, module = a.level_of(name), mixed.get_submodule(name)
+                    if level == "fp32":  # the denoiser's own weights, unquantized
+                        own = bank.denoiser.get_submodule(name).weight
+                        assert type(module.weight) is torch.nn.Parameter and module.weight.data_ptr() == own.data_ptr()
+                    else:
+                        assert module is bank._copies[level].get_submodule(name), (name, level)
                 assert mixed.get_submodule(f"{block}.attn1.to_k") is bank._copies["w8a8"].get_submodule(f"{block}.attn1.to_k")
                 assert type(mixed.get_submodule(f"{block}.ff.net.2").weight) is torch.nn.Parameter
         finally:
@@ -269,3 +276,68 @@ def test_apply_schedule_runs_a_version_3_schedule_like_the_search_rollout(embedd
     with pytest.raises(QschedError, match=r"overrides\[0\]\[0\].group = 'down_blocks.9/ff' is not in grouping 'block-role'"):
         apply_schedule(pipe, bad, backend="sim")
     assert not hasattr(pipe.unet, "_diffusers_hook") or pipe.unet._diffusers_hook.get_hook("qsched.bank") is None
+
+
+# ------------------------------------------------------------------------------------------------ every family
+
+def _family_bank(family: str, target: str, levels=("w8a8", "w4a4")):
+    from qsched_search.pipeline.families import load_family
+    from qsched_search.pipeline.loading import LoadedModel
+    from qsched_search.pipeline.rollout import capture_denoiser_call
+    from qsched_search.quant.sim_bank import SimulatedBank
+    from tests.helpers import FAMILIES
+
+    builder, _, _, extra = FAMILIES[family]
+    model = LoadedModel(pipe=builder(), family=load_family(family), model_id=family, device="cpu")
+    call = capture_denoiser_call(model.pipe, model.denoiser, {"guidance_scale": 0.0, "height": 32, "width": 32, **extra,
+                                                              "prompt": ["bag"] * 2, "num_inference_steps": 2})
+    menu = Menu(levels=load_menu().levels, target=target, source="test")
+    return model, call, SimulatedBank(model.denoiser, menu, list(levels), "fp32", model.family.exclude, calibration=call)
+
+
+@pytest.mark.parametrize("target", ["torchao", "generic"])
+@pytest.mark.parametrize("family", ["sd-turbo", "sdxl-turbo", "lcm", "pcm", "flux-schnell"])
+def test_every_grouping_of_every_family_covers_exactly_the_switchable_layers_once(family, target):
+    model, _, bank = _family_bank(family, target)
+    try:
+        assert model.family.layer_groups and model.family.default_grouping in model.family.layer_groups
+        for grouping in model.family.layer_groups:
+            groups = bank_groups(bank, model.family, grouping)
+            held = [n for layers in groups.groups.values() for n in layers]
+            assert len(held) == len(set(held)), (grouping, "a layer in two groups")
+            assert sorted(held) == sorted(bank.switchable_layers), (grouping, sorted(set(bank.switchable_layers) - set(held)))
+            assert groups.ungrouped == ()
+        if target == "generic" and family != "flux-schnell":
+            # Convolutions switch under target generic: the UNets' resnet groups appear.
+            assert any(g.endswith("/conv") for g in bank_groups(bank, model.family).names)
+    finally:
+        bank.remove()
+
+
+@pytest.mark.parametrize("family", ["sd-turbo", "flux-schnell"])
+def test_an_override_changes_exactly_the_named_layers_in_the_simulation(family):
+    model, call, bank = _family_bank(family, "generic")
+    try:
+        groups = bank_groups(bank, model.family)
+        kept, lowered = groups.names[0], groups.names[-1]
+        step = StepAssignment("w4a4", (Override("fp32", group=kept), Override("w8a8", group=lowered)))
+        bank.set_assignment(resolve_step(step, bank.switchable_layers, groups))
+        seen = {}
+        hooks = [layer.register_forward_hook(lambda m, i, o, _n=n: seen.setdefault(_n, (i[0], o)) and None)
+                 for n, layer in bank.layers.items()]
+        try:
+            with torch.no_grad():
+                model.denoiser(*call[0], **call[1])
+        finally:
+            for h in hooks:
+                h.remove()
+        assert set(seen) == set(bank.switchable_layers)
+        for name, (x, y) in seen.items():
+            layer = bank.layers[name]
+            level = "fp32" if name in groups.groups[kept] else "w8a8" if name in groups.groups[lowered] else "w4a4"
+            expected = layer.inner(x) if level == "fp32" else layer._forwards[level](x)
+            assert torch.equal(y, expected), (name, level)
+            if level != "w4a4":
+                assert not torch.equal(y, layer._forwards["w4a4"](x)), (name, "computes as the step's level")
+    finally:
+        bank.remove()

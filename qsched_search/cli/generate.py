@@ -69,6 +69,12 @@ def generate(
         finally:
             if applied is not None:
                 applied.remove()
+        if loaded.has_overrides:
+            memory = session.bank.memory()
+            mixed = sum(1 for s in loaded.step_assignments if s.overrides)
+            console.print(f"per-layer overrides in {mixed} of {loaded.steps} steps: {memory['assignment_copies']} extra "
+                          f"compiled copies on backend {session.bank.backend} "
+                          f"({memory['assignment_extra_bytes'] / 2**20:.2f} MiB beyond the level copies)", highlight=False)
     finally:
         session.close()
     rows = []

@@ -132,8 +132,9 @@ class SimulatedBank(Bank):
     def memory(self) -> dict:
         base = sum(p.numel() * p.element_size() for p in self.denoiser.parameters())
         extra = sum(self._level_bytes.values())
+        # Per-layer assignments need no copy here: each layer looks its level up at every call.
         return {"denoiser_bytes": base, "bank_extra_bytes": extra, "total_bytes": base + extra,
-                "per_level_extra_bytes": dict(self._level_bytes)}
+                "per_level_extra_bytes": dict(self._level_bytes), "assignment_copies": 0, "assignment_extra_bytes": 0}
 
     def _counted_modules(self):
         inners = {id(layer.inner) for layer in self.layers.values()}

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import pandas as pd
 
-__all__ = ["BUDGET_EPS", "COEFFICIENTS_FRONT_COLUMNS", "PROBE_COLUMNS", "TRIALS_COLUMNS", "best_uniform_at_most",
+__all__ = ["BUDGET_EPS", "COEFFICIENTS_FRONT_COLUMNS", "PROBE_COLUMNS", "PROBE_LAYER_COLUMNS", "TRIALS_COLUMNS", "best_uniform_at_most",
            "choose_schedule", "completed", "pareto_front", "schedule_key", "split_schedule", "uniform_rows"]
 
 # Costs go through floats, CSV and JSON; a schedule exactly at the budget must stay within it.
@@ -19,6 +19,9 @@ BUDGET_EPS = 1e-9
 
 PROBE_COLUMNS = ["kind", "step", "timestep", "precision", "metric", "value", "ci_low", "ci_high", "n", "delta",
                  "unhealthy_images", "fail_reason"]
+# probe_layers.csv: the probe's columns with the group (and how many layers it holds) of each step x group cell.
+PROBE_LAYER_COLUMNS = ["kind", "step", "timestep", "group", "layers", "precision", "metric", "value", "ci_low", "ci_high",
+                       "n", "delta", "unhealthy_images", "fail_reason"]
 TRIALS_COLUMNS = ["trial", "schedule", "source", "state", "fail_reason", "cost", "cost_bops", "cost_memory",
                   "cost_latency", "feasible", "metric", "value", "ci_low", "ci_high", "n"]
 COEFFICIENTS_FRONT_COLUMNS = ["schedule", "cost", "metric", "value", "ci_low", "ci_high", "value_with", "ci_low_with",
