@@ -18,7 +18,8 @@ import pandas as pd
 from qsched_search.results.io import atomic_path
 from qsched_search.results.tables import BUDGET_EPS, completed, uniform_rows
 
-__all__ = ["DPI", "metric_label", "plot_history", "plot_pareto", "plot_probe_heatmap", "plot_schedule_strip"]
+__all__ = ["DPI", "metric_label", "plot_history", "plot_layer_heatmap", "plot_layer_schedule", "plot_pareto",
+           "plot_probe_heatmap", "plot_schedule_strip"]
 
 DPI = 150
 
@@ -210,4 +211,94 @@ def plot_schedule_strip(levels: list[str], timesteps: list[int], colours: Mappin
     names = legend or list(dict.fromkeys(levels))
     fig.legend(handles=[Patch(color=colours.get(lv, "#999999"), label=lv) for lv in names], loc="lower center",
                ncol=len(names), frameon=False, fontsize=9)
+    return _finish(fig, path)
+
+
+def _group_label(name: str) -> str:
+    # "down_blocks.1.attentions.0.transformer_blocks.0/ff" -> "down1.a0.t0/ff": rows stay readable.
+    short = (name.replace("down_blocks.", "down").replace("up_blocks.", "up").replace("mid_block", "mid")
+             .replace(".attentions.", ".a").replace(".transformer_blocks.", ".t")
+             .replace("single_transformer_blocks.", "single").replace("transformer_blocks.", "double"))
+    return short
+
+
+def plot_layer_heatmap(table: pd.DataFrame, metric: str, higher_is_better: bool, level: str,
+                       path: str | Path | None = None, title: str = "") -> bytes | None:
+    """Layer group x step heatmap of the change in `metric` when only that group runs at `level` in that step
+    (probe_layers.csv); darker is worse whichever way the metric points."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    data = table[(table["kind"] == "group") & (table["metric"].astype(str) == metric)
+                 & (table["precision"].astype(str) == level)].copy()
+    data["delta"] = pd.to_numeric(data["delta"], errors="coerce")
+    groups = list(dict.fromkeys(data["group"].astype(str)))
+    steps = sorted(int(s) for s in pd.to_numeric(data["step"], errors="coerce").dropna().unique())
+    grid = np.full((len(groups), len(steps)), np.nan)
+    index = {(str(r.group), int(r.step)): r for r in data.itertuples(index=False)}
+    for i, g in enumerate(groups):
+        for j, s in enumerate(steps):
+            row = index.get((g, s))
+            if row is not None and not (isinstance(row.fail_reason, str) and row.fail_reason):
+                grid[i, j] = row.delta
+    damage = -grid if higher_is_better else grid
+    fig = Figure(figsize=(2.6 + 0.9 * max(1, len(steps)), 1.0 + 0.24 * max(1, len(groups))))
+    ax = fig.add_subplot()
+    finite = damage[np.isfinite(damage)]
+    vmin, vmax = (float(min(0.0, finite.min())), float(finite.max())) if finite.size else (0.0, 1.0)
+    if vmin == vmax:
+        vmax = vmin + 1e-9
+    im = ax.imshow(np.ma.masked_invalid(damage), cmap=colormaps["magma_r"].with_extremes(bad="#eeeeee"),
+                   vmin=vmin, vmax=vmax, aspect="auto")
+    timesteps = {int(r.step): r.timestep for r in data.itertuples(index=False)}
+    ax.set_xticks(range(len(steps)), [f"step {s}" + (f"\nt={int(timesteps[s])}" if not pd.isna(timesteps.get(s)) else "")
+                                      for s in steps], fontsize=8)
+    ax.set_yticks(range(len(groups)), [_group_label(g) for g in groups], fontsize=7)
+    if len(groups) * len(steps) <= 160:
+        for (r, c), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(c, r, f"{v:+.2g}", ha="center", va="center", fontsize=6,
+                        color=_text_colour(im.cmap(im.norm(damage[r, c]))))
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cb.set_label(f"{'drop' if higher_is_better else 'rise'} in {metric} vs reference", fontsize=8)
+    ax.set_title(title or f"Layer-group sensitivity at {level} ({metric})", fontsize=9)
+    return _finish(fig, path)
+
+
+def plot_layer_schedule(grid: Mapping[str, list[str]], step_levels: list[str], timesteps: list[int],
+                        colours: Mapping[str, str], path: str | Path | None = None, title: str = "") -> bytes | None:
+    """The per-layer schedule as a picture: one row per layer group, one column per step, each cell coloured by
+    the level that group runs at in that step; cells that differ from their step's level (the overrides) are
+    outlined and labelled."""
+    from matplotlib.colors import to_rgba
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    groups = list(grid)
+    n_steps = len(step_levels)
+    fig = Figure(figsize=(2.8 + 1.0 * n_steps, 1.6 + 0.24 * max(1, len(groups))))
+    ax = fig.add_subplot()
+    for r, g in enumerate(groups):
+        for c in range(n_steps):
+            level = grid[g][c]
+            overridden = level != step_levels[c]
+            colour = colours.get(level, "#999999")
+            ax.add_patch(Rectangle((c + 0.04, r + 0.06), 0.92, 0.88, facecolor=colour,
+                                   edgecolor="#111111" if overridden else "none", linewidth=1.4 if overridden else 0))
+            if overridden:
+                ax.text(c + 0.5, r + 0.5, level, ha="center", va="center", fontsize=6.5,
+                        color=_text_colour(to_rgba(colour)))
+    ax.set_xlim(0, n_steps)
+    ax.set_ylim(len(groups), 0)
+    ax.set_xticks([c + 0.5 for c in range(n_steps)],
+                  [f"step {c}: {step_levels[c]}" + (f"\nt={timesteps[c]}" if c < len(timesteps) else "") for c in range(n_steps)],
+                  fontsize=8)
+    ax.set_yticks([r + 0.5 for r in range(len(groups))], [_group_label(g) for g in groups], fontsize=7)
+    ax.tick_params(length=0)
+    for side in ("top", "right", "left", "bottom"):
+        ax.spines[side].set_visible(False)
+    used = list(dict.fromkeys([*step_levels, *(lv for row in grid.values() for lv in row)]))
+    fig.legend(handles=[Patch(color=colours.get(lv, "#999999"), label=lv) for lv in used], loc="upper center",
+               bbox_to_anchor=(0.5, 0.0), ncol=len(used), frameon=False, fontsize=8)
+    ax.set_title(title or "Which layer groups run at which level in each step (outlined: overrides)", fontsize=9)
     return _finish(fig, path)

@@ -46,7 +46,7 @@ def test_round_trip(tmp_path):
     assert step_of(5, loaded.timesteps) is None
     # The file is the published format other tools read.
     obj = json.loads(path.read_text())
-    assert obj["schema_version"] == 2
+    assert obj["schema_version"] == 3 and "overrides" not in obj  # a per-step schedule writes no overrides
     assert set(obj) >= {"model", "steps", "timesteps", "levels", "reference", "budget", "cost", "quality", "provenance"}
     assert obj["cost"]["latency"] is None and obj["budget"] == {"fraction": 0.5, "cost_model": "bops"}
     # A results folder works as well as the file.
@@ -110,7 +110,7 @@ def _write_bad(tmp_path, mutate) -> str:
     (lambda o: o["levels"].__setitem__(0, 8), ["levels[0]", "8", "level names"]),
     (lambda o: o["quality"].pop("n"), ["quality.n is missing", "positive integer"]),
     (lambda o: o["model"].__setitem__("weights_sha256", "xyz"), ["model.weights_sha256", "xyz", "64 lowercase hex"]),
-    (lambda o: o.__setitem__("schema_version", 3), ["schema_version", "3", "integer 2"]),
+    (lambda o: o.__setitem__("schema_version", 4), ["schema_version", "4", "integer 3"]),
     (lambda o: o["cost"].__setitem__("bops", 0.9), ["cost.bops", "over budget"]),
     (lambda o: o.__setitem__("reference", "w8a8"), ["reference", "'w8a8'", "format 'reference'"]),
 ])
@@ -164,3 +164,83 @@ def test_levels_are_checked_against_the_menu_in_the_file_or_the_default(tmp_path
     # An explicit menu wins.
     assert load_schedule(path, menu=menu).levels[2] == "w4a8"
     validate_schedule_dict(schedule.to_dict())
+
+
+# ------------------------------------------------------------------------------------------------ per-layer overrides
+
+def _with_overrides(**fields):
+    from qsched_search.results.assignment import Override
+
+    groups = {"grouping": "block-role", "groups": {"mid/ff": ["mid.ff.net.0.proj", "mid.ff.net.2"], "up.0/attn2.qkv": ["up.0.attn2.to_q"]}}
+    overrides = ((Override("fp32", group="mid/ff"),), (), (Override("w8a8", pattern="*attn2.to_[qkv]"),
+                                                          Override("fp32", group="up.0/attn2.qkv")), ())
+    return make_schedule(overrides=overrides, extras={"layer_groups": groups, **fields.pop("extras", {})}, **fields)
+
+
+def test_version_3_overrides_round_trip_and_name_each_steps_layers(tmp_path):
+    schedule = _with_overrides()
+    path = save_schedule(schedule, tmp_path / "s.json")
+    obj = json.loads(path.read_text())
+    assert obj["schema_version"] == 3
+    assert obj["overrides"][0] == [{"group": "mid/ff", "level": "fp32"}]
+    assert obj["overrides"][1] == [] and obj["overrides"][2][0] == {"pattern": "*attn2.to_[qkv]", "level": "w8a8"}
+    loaded = load_schedule(path)
+    assert loaded == schedule and loaded.has_overrides
+    steps = loaded.step_assignments
+    assert [s.level for s in steps] == list(loaded.levels)
+    assert str(steps[0]) == "w8a8{mid/ff=fp32}" and str(steps[1]) == "fp32"
+    assert str(steps[2]) == "w4a8{~*attn2.to_[qkv]=w8a8;up.0/attn2.qkv=fp32}"
+    assert loaded.all_levels == ("w8a8", "fp32", "w4a8", "w4a4")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_files_load_as_schedules_without_overrides(tmp_path, version):
+    obj = make_schedule().to_dict()
+    obj["schema_version"] = version
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(obj))
+    loaded = load_schedule(path)
+    assert not loaded.has_overrides and loaded.overrides == ()
+    assert all(not s.overrides for s in loaded.step_assignments)
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda o: o["overrides"].pop(), ["overrides has 3 entries", "steps = 4", "one list of overrides per step"]),
+    (lambda o: o["overrides"][0][0].__setitem__("group", "nowhere/ff"), ["overrides[0][0].group", "'nowhere/ff'",
+                                                                         "layer_groups", "mid/ff"]),
+    (lambda o: o["overrides"][2][0].__setitem__("level", "w3a3"), ["overrides[2][0].level", "'w3a3'", "precision menu"]),
+    (lambda o: o["overrides"][0][0].pop("group"), ["overrides[0][0]", "group", "pattern"]),
+    (lambda o: o["overrides"][0][0].__setitem__("pattern", "*ff*"), ["overrides[0][0]"]),
+])
+def test_malformed_overrides_are_rejected_with_one_line(tmp_path, mutate, expected):
+    obj = _with_overrides().to_dict()
+    mutate(obj)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(obj))
+    with pytest.raises(QschedError) as info:
+        load_schedule(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    for part in expected:
+        assert part in message, (part, message)
+
+
+def test_overrides_are_validated_against_the_familys_groups():
+    schedule = _with_overrides(extras={})
+    schedule.validate_groups(["mid/ff", "up.0/attn2.qkv"])
+    with pytest.raises(QschedError, match=r"overrides\[0\]\[0\].group = 'mid/ff' is not in .* allowed: other/ff"):
+        schedule.validate_groups(["other/ff"])
+
+
+def test_step_keys_parse_back_and_reject_malformed_tokens():
+    from qsched_search.results.assignment import Override, StepAssignment, parse_schedule_key
+    from qsched_search.results.tables import schedule_key, split_schedule
+
+    steps = (StepAssignment("w4a4", (Override("w8a8", group="b.0/ff"), Override("fp32", pattern="*.attn2.*"))),
+             StepAssignment("w8a8"))
+    key = schedule_key(steps)
+    assert key == "w4a4{b.0/ff=w8a8;~*.attn2.*=fp32},w8a8"
+    assert parse_schedule_key(key) == steps and len(split_schedule(key)) == 2
+    for bad in ("w4a4{b.0/ff}", "w4a4{=fp32}", "{x=fp32}", "w4a4{a=b"):
+        with pytest.raises(QschedError):
+            parse_schedule_key(bad)

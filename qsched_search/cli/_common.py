@@ -90,3 +90,5 @@ CompileOpt = Annotated[Optional[CompileChoice], typer.Option("--compile", help="
 CudaGraphsOpt = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay each level as one captured CUDA graph (--backend torchao): no host overhead per step.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show library warnings and debug logs.")]
 WeightsOpt = Annotated[str, typer.Option("--weights-dir", envvar="QSCHED_WEIGHTS_DIR", help="Folder of metric weights (see `qsched weights`).")]
+LayersOpt = Annotated[bool, typer.Option("--layers", help="Also probe each layer group alone at each step (see `qsched precisions --groups`).")]
+GroupingOpt = Annotated[str, typer.Option("--grouping", help="The layer grouping: a name from the family's layer_groups (its default if omitted) or a YAML file of {name, layers} entries.")]

@@ -10,10 +10,12 @@ import typer
 
 from qsched_search.cli._common import (BackendChoice, BackendOpt, BatchOpt, CudaGraphsOpt, DeviceOpt, DtypeOpt, FamilyOpt,
                                        PromptsOpt, VerboseOpt, WeightsOpt, console, user_errors)
+from qsched_search.pipeline.apply import schedule_groups
 from qsched_search.pipeline.coefficients import apply_coefficients
 from qsched_search.results.images import save_png
 from qsched_search.results.io import write_csv
 from qsched_search.results.schedule import load_schedule
+from qsched_search.results.tables import schedule_key
 from qsched_search.session import RunSettings, open_session, read_prompts
 
 
@@ -46,7 +48,7 @@ def generate(
     loaded = load_schedule(schedule)
     coefficients = None if no_coefficients else loaded.coefficients
     menu = loaded.menu()
-    settings = RunSettings(model=model or loaded.model_id, steps=loaded.steps, precisions=tuple(sorted(set(loaded.levels))),
+    settings = RunSettings(model=model or loaded.model_id, steps=loaded.steps, precisions=tuple(sorted(set(loaded.all_levels))),
                            reference=loaded.reference, samples=samples,
                            seed=seed if seed >= 0 else int(loaded.provenance.get("seed", 0)),
                            prompts=read_prompts(prompts), device=device, dtype=dtype, batch_size=batch_size,
@@ -55,17 +57,24 @@ def generate(
     if loaded.backend is not None and loaded.backend != settings.backend:
         console.print(f"[yellow]warning:[/] the schedule was measured on backend {loaded.backend}; this run uses "
                       f"{settings.backend}, so its images differ from the search's", highlight=False)
-    layers = {lv: loaded.quantized_layers(lv) for lv in set(loaded.levels) if loaded.quantized_layers(lv) is not None}
+    layers = {lv: loaded.quantized_layers(lv) for lv in set(loaded.all_levels) if loaded.quantized_layers(lv) is not None}
     session = open_session(settings, metrics=False, menu=menu, layers=layers or None)
     try:
         if session.model.weights_sha256() != loaded.weights_sha256:
             console.print(f"[yellow]warning:[/] {settings.model!r} has other weights than the schedule was searched on")
+        session.runner.groups = schedule_groups(loaded, session.bank, session.model.family)
         applied = apply_coefficients(session.model.pipe, coefficients)
         try:
-            result = session.runner.run(loaded.levels)
+            result = session.runner.run(loaded.step_assignments)
         finally:
             if applied is not None:
                 applied.remove()
+        if loaded.has_overrides:
+            memory = session.bank.memory()
+            mixed = sum(1 for s in loaded.step_assignments if s.overrides)
+            console.print(f"per-layer overrides in {mixed} of {loaded.steps} steps: {memory['assignment_copies']} extra "
+                          f"compiled copies on backend {session.bank.backend} "
+                          f"({memory['assignment_extra_bytes'] / 2**20:.2f} MiB beyond the level copies)", highlight=False)
     finally:
         session.close()
     rows = []
@@ -73,7 +82,7 @@ def generate(
         file = f"{k:02d}.png"
         save_png(image, Path(out) / file)
         rows.append({"sample": k, "prompt": session.eval_set.prompts[k], "seed": session.eval_set.seeds[k], "file": file,
-                     "schedule": ",".join(loaded.levels),
+                     "schedule": schedule_key(loaded.step_assignments),
                      "coefficients": coefficients.describe() if coefficients else "none",
                      "problem": result.problems[k] or ""})
     write_csv(Path(out) / "index.csv", pd.DataFrame(rows))
@@ -81,4 +90,4 @@ def generate(
     if bad:
         console.print(f"[yellow]warning:[/] {bad} of {len(rows)} images are unusable (NaN, blank or noise); see index.csv")
     with_coeffs = f"; coefficients {coefficients.describe()}" if coefficients else ""
-    console.print(f"wrote {len(rows)} images to {out}/ (schedule {','.join(loaded.levels)}{with_coeffs})")
+    console.print(f"wrote {len(rows)} images to {out}/ (schedule {schedule_key(loaded.step_assignments)}{with_coeffs})")

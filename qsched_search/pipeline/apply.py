@@ -16,11 +16,13 @@ from qsched_search.pipeline.families import Family, detect_family, load_family
 from qsched_search.pipeline.switching import ScheduleHook, install_schedule, remove_schedule
 from qsched_search.quant.backends import build_bank, resolve_backend
 from qsched_search.quant.bank import Bank
+from qsched_search.quant.groups import LayerGroups, bank_groups
 from qsched_search.quant.levels import Menu, load_menu
+from qsched_search.results.assignment import StepAssignment
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AppliedSchedule", "apply_schedule"]
+__all__ = ["AppliedSchedule", "apply_schedule", "schedule_groups"]
 
 
 @dataclass
@@ -32,6 +34,8 @@ class AppliedSchedule:
     timesteps: tuple[int, ...]
     hook: ScheduleHook
     coefficients: AppliedCoefficients | None = None
+    steps: tuple[StepAssignment, ...] = ()  # each step's level with its per-layer overrides
+    groups: LayerGroups | None = None
 
     def remove(self) -> None:
         """Restores the pipeline's denoiser and scheduler."""
@@ -43,14 +47,17 @@ class AppliedSchedule:
 
 def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family: Family | str | None = None,
                    coefficients: bool = True, backend: str = "auto", cuda_graphs: bool = False,
-                   compile: str | None = None) -> AppliedSchedule:
+                   compile: str | None = None, grouping: str | None = None) -> AppliedSchedule:
     """Installs the schedule's precision bank in `pipe`'s denoiser, and a hook that picks each call's level.
 
     The level of a call is that of the step whose timestep it is called with (`qsched_search.pipeline.switching`:
     the rule the search's rollout uses), so both halves of a classifier-free-guidance batch run at one level, and a
     run with another number of steps fails loudly instead of running at a wrong precision. A schedule that records
     which layers each level quantized (schema 2) gets exactly those layers, so the images equal the search's for the
-    same backend, device, prompts and seeds. Its `coefficients` section, if any, is installed on `pipe.scheduler`.
+    same backend, device, prompts and seeds. Per-layer overrides (schema 3) name layer groups as the file recorded
+    them (`layer_groups`), else the family's (`grouping`); on the real-kernel bank each step with overrides runs a
+    compiled copy of its own, built here (`handle.bank.memory()["assignment_copies"]`). Its `coefficients` section,
+    if any, is installed on `pipe.scheduler`.
 
     Args:
         pipe: a diffusers pipeline of a family in configs/families.
@@ -62,6 +69,8 @@ def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family
             rounding, any device), or `auto` (torchao when the denoiser is on a CUDA device).
         cuda_graphs (`bool`, defaults to False): replay each level as one CUDA graph (torchao): no host overhead.
         compile (`str`, *optional*): the real-kernel bank's compile scope; the schedule's if it records one.
+        grouping (`str`, *optional*): the family's grouping the overrides name, when the schedule does not record
+            its groups; the family's default if None.
 
     Returns:
         `AppliedSchedule`: call `.remove()` to restore the pipeline.
@@ -83,17 +92,35 @@ def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family
         logger.warning("the schedule's quality was measured on backend %s and it now runs on %s: expect other "
                        "images than the search measured", measured_on, chosen)
     levels = tuple(schedule.levels)
-    needed = sorted(set(levels), key=levels.index)
+    steps = schedule.step_assignments
+    needed = list(schedule.all_levels)
     layers = {lv: schedule.quantized_layers(lv) for lv in needed if schedule.quantized_layers(lv) is not None}
     bank = build_bank(chosen, denoiser, menu, needed, schedule.reference, list(family.exclude),
                       compile=compile or schedule.execution.get("compile"), cuda_graphs=cuda_graphs,
                       layers=layers or None)
+    groups = None
     try:
-        hook = install_schedule(bank, pipe, levels, family.timestep_scale)
+        groups = schedule_groups(schedule, bank, family, grouping)
+        hook = install_schedule(bank, pipe, steps, family.timestep_scale, groups=groups)
+        bank.prepare(hook.assignments)
         applied = apply_coefficients(pipe, schedule.coefficients) if coefficients else None
     except BaseException:
         remove_schedule(denoiser)
         bank.remove()
         raise
     return AppliedSchedule(bank=bank, levels=levels, timesteps=tuple(schedule.timesteps), hook=hook,
-                           coefficients=applied)
+                           coefficients=applied, steps=steps, groups=groups)
+
+
+def schedule_groups(schedule, bank: Bank, family: Family, grouping: str | None = None) -> LayerGroups | None:
+    """The layer groups a schedule's overrides name, on `bank`'s denoiser: as the file recorded them (the module
+    names the search measured), else the family's grouping, checked against the overrides; None when no override
+    names a group."""
+    if not any(s.groups for s in schedule.step_assignments):
+        return None
+    recorded = schedule.extras.get("layer_groups")
+    if recorded:
+        return LayerGroups.from_dict(recorded, bank.switchable_layers)
+    groups = bank_groups(bank, family, grouping)
+    schedule.validate_groups(groups.names, f"grouping {groups.name!r} of model family {family.family!r}")
+    return groups

@@ -35,6 +35,10 @@ class Family:
     timestep_scale: float = 1.0
     # `qsched search`'s budget when --budget is not given: where the family's trade-off is.
     default_budget: float = 0.5
+    # Groupings of the denoiser's layers for per-layer overrides (name -> list of {name, layers, each}); see
+    # qsched_search.quant.groups. `default_grouping` is the one used when none is named.
+    layer_groups: dict = field(default_factory=dict)
+    default_grouping: str | None = None
 
     def denoiser_of(self, pipe):
         module = getattr(pipe, self.denoiser, None)
@@ -88,6 +92,8 @@ def load_family(name: str) -> Family:
         scheduler=dict(raw.get("scheduler", {}) or {}),
         timestep_scale=float(raw.get("timestep_scale", 1.0)),
         default_budget=float(raw.get("default_budget", 0.5)),
+        layer_groups={k: v for k, v in (raw.get("layer_groups") or {}).items() if k != "default"},
+        default_grouping=(raw.get("layer_groups") or {}).get("default"),
     )
 
 

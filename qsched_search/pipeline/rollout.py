@@ -76,29 +76,34 @@ class Runner:
             family's `call_defaults` fill what is not given.
         prefix_cache (`PrefixCache`, *optional*): where prefix outputs are kept; a new one sized automatically if
             None; `PrefixCache(0)` turns reuse off.
+        groups (`LayerGroups`, *optional*): the layer groups that steps' per-layer overrides name (settable:
+            `runner.groups = bank_groups(...)`).
     """
 
     def __init__(self, model: LoadedModel, bank: Bank, steps: int, eval_set: EvalSet,
-                 batch_size: int = 64, call_kwargs: dict | None = None, prefix_cache: PrefixCache | None = None):
+                 batch_size: int = 64, call_kwargs: dict | None = None, prefix_cache: PrefixCache | None = None,
+                 groups=None):
         if steps < 1:
             raise QschedError(f"--steps must be at least 1, got {steps}")
         self.model, self.bank, self.steps, self.eval_set = model, bank, steps, eval_set
         self.batch_size = max(1, batch_size)
         self.call_kwargs = {**model.family.call_defaults, **(call_kwargs or {})}
         self.cache = PrefixCache() if prefix_cache is None else prefix_cache
+        self.groups = groups
 
-    def run(self, levels: Sequence[str], use_cache: bool = True) -> RolloutResult:
+    def run(self, levels: Sequence, use_cache: bool = True) -> RolloutResult:
         """Runs every sample with `levels[i]` active during denoising step i; the bank is reset to the reference after.
 
         Args:
-            levels (`Sequence[str]`): one level per step.
+            levels (`Sequence[str | StepAssignment]`): one level per step, or a step with per-layer overrides.
             use_cache (`bool`, defaults to True): answer shared prefixes from the cache; False runs every call (a
                 re-run that must measure run-to-run differences, such as the noise floor).
         """
         levels = list(levels)
         if len(levels) != self.steps:
             raise QschedError(f"schedule has {len(levels)} levels for {self.steps} steps; give one level per step")
-        hook = install_schedule(self.bank, self.model.pipe, levels, self.model.family.timestep_scale, cache=self.cache)
+        hook = install_schedule(self.bank, self.model.pipe, levels, self.model.family.timestep_scale, cache=self.cache,
+                                groups=self.groups)
         hook.use_cache = use_cache
         coefficients = installed_coefficients(self.model.pipe.scheduler)
         hook.context = None if coefficients is None else (coefficients.model_coeff, coefficients.sample_coeff)

@@ -1,4 +1,4 @@
-"""The bank interface: a denoiser's precision levels built once and held side by side, one active at a time.
+"""The bank interface: a denoiser's precision levels built once and held side by side, one assignment active at a time.
 
 Two banks implement it: `SimulatedBank` (`qsched_search.quant.sim_bank`) rounds weights and activations in plain
 PyTorch on any device; `RealKernelBank` (`qsched_search.quant.torchao_bank`) runs torchao's kernels. Both choose
@@ -8,11 +8,19 @@ Callers (rollout, probe, search, calibrate, apply, profile) use only what this b
 What a caller may rely on:
 - The denoiser object stays the one the pipeline holds (`pipe.unet.config` keeps working); `remove()` restores
   it exactly, and a bank is removed before another is built on the same denoiser.
-- `set_level(name)` is one attribute write: it moves no weights and takes effect at the next denoiser call.
-- `calls` counts denoiser calls per level since the bank was built: proof of which level ran.
+- The active state is one `LayerAssignment` (`qsched_search.quant.groups`): a default level and, for some layers,
+  another level. `set_assignment(a)` makes it active; `set_level(name)` is the assignment "every layer at name".
+  Neither moves weights (the real-kernel bank builds a copy for an assignment with overrides the first time it is
+  set, or at `prepare`), and either takes effect at the next denoiser call.
+- A layer runs at its assigned level only if that level quantizes it (`quantized_layers[level]`); otherwise at the
+  reference, as in a uniform assignment of that level.
+- `calls` counts denoiser calls per assignment key (the level's name for a uniform one) since the bank was built:
+  proof of what ran.
 - `quantized_layers[level]` names the modules the level quantizes; the reference quantizes none.
-- `level_costs()` gives each level's `bops` and `memory` as a fraction of the reference's; it needs the MAC counts
-  of one denoiser call, measured from `calibration` or, without it, at the first call.
+  `switchable_layers` is their union: the layers an override can move.
+- `level_costs()` gives each level's `bops` and `memory` as a fraction of the reference's, `layer_costs()` the
+  per-layer table that prices any assignment exactly (`LayerCosts.cost`); both need the MAC counts of one denoiser
+  call, measured from `calibration` or, without it, at the first call.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from qsched_search.errors import QschedError
-from qsched_search.quant.costs import Footprint
+from qsched_search.quant.costs import Footprint, LayerCosts
+from qsched_search.quant.groups import LayerAssignment
 from qsched_search.quant.kernels import KernelChoice
 from qsched_search.quant.levels import Menu
 from qsched_search.quant.targets import layer_rule, repeated_block_prefixes, select_layers
@@ -127,13 +136,18 @@ def plan_layers(denoiser: nn.Module, menu: Menu, levels: Sequence[str], exclude:
 
 @dataclass
 class _State:
-    active: str
+    assignment: LayerAssignment
+    overrides: dict = field(default_factory=dict)  # layer -> level: `assignment.overrides` for the per-layer lookup
     calls: Counter = field(default_factory=Counter)
+
+    @property
+    def active(self) -> str:
+        return self.assignment.default
 
 
 class _BankHook(ModelHook):
-    """The bank's named hook on the denoiser: counts calls per level and, for a bank that runs other modules than
-    the denoiser's own (the real-kernel copies), routes the call to the active level's."""
+    """The bank's named hook on the denoiser: counts calls per assignment and, for a bank that runs other modules
+    than the denoiser's own (the real-kernel copies), routes the call to the active assignment's."""
 
     def __init__(self, bank: "Bank", route: Callable | None):
         super().__init__()
@@ -142,12 +156,12 @@ class _BankHook(ModelHook):
             self.new_forward = lambda module, *args, **kwargs: route(*args, **kwargs)
 
     def pre_forward(self, module, *args, **kwargs):
-        self.bank._state.calls[self.bank._state.active] += 1
+        self.bank._state.calls[self.bank._state.assignment.key] += 1
         return args, kwargs
 
 
 class Bank(ABC):
-    """A denoiser's precision levels, built once; one level is active at a time.
+    """A denoiser's precision levels, built once; one assignment (a level per layer) is active at a time.
 
     Args:
         denoiser (`nn.Module`): the pipeline's `unet` or `transformer`, already on its device and in its dtype.
@@ -191,7 +205,7 @@ class Bank(ABC):
             if name != reference and not menu[name].runs_as_is(self.model_dtype) and not self.quantized_layers[name]:
                 raise QschedError(f"precision level {name!r} quantizes no layer of the denoiser under target "
                                   f"{menu.target} (after excluding {self.exclude}); drop the level or change the target")
-        self._state = _State(active=reference)
+        self._state = _State(assignment=LayerAssignment(reference))
         self._lazy_stats: list = []
 
     # ------------------------------------------------------------------------------------------- subclasses
@@ -223,12 +237,23 @@ class Bank(ABC):
 
     @property
     def active(self) -> str:
+        """The active assignment's default level (the level of every layer when it has no overrides)."""
         return self._state.active
 
     @property
+    def assignment(self) -> LayerAssignment:
+        return self._state.assignment
+
+    @property
     def calls(self) -> Counter:
-        """Denoiser calls per level since the bank was built."""
+        """Denoiser calls per assignment key (a level's name for a uniform assignment) since the bank was built."""
         return self._state.calls
+
+    @property
+    def switchable_layers(self) -> list[str]:
+        """The layers some built level quantizes, in module order: those an override can move."""
+        chosen = {n for names in self.quantized_layers.values() for n in names}
+        return [n for n, _ in self.denoiser.named_modules() if n in chosen]
 
     def check(self, names) -> None:
         """A one-line error for a name that is not in the menu, or not among the levels this bank built."""
@@ -239,9 +264,42 @@ class Bank(ABC):
                                   "add it to --precisions")
 
     def set_level(self, name: str) -> None:
-        if name not in self.quantized_layers:
-            self.check([name])
-        self._state.active = name
+        """Every layer at `name`: the uniform assignment."""
+        self.set_assignment(LayerAssignment(name))
+
+    def set_assignment(self, assignment: LayerAssignment) -> None:
+        """Makes `assignment` active from the next denoiser call on (a uniform one is one attribute write)."""
+        if assignment.overrides or assignment.default not in self.quantized_layers:
+            self.check_assignment(assignment)
+            self._prepare(assignment)
+        self._state.assignment = assignment
+        self._state.overrides = dict(assignment.overrides)
+
+    def check_assignment(self, assignment: LayerAssignment) -> None:
+        """A one-line error for a level this bank did not build or an override of a layer it cannot switch."""
+        self.check(assignment.levels)
+        if assignment.overrides:
+            known = self._switchable_set()
+            unknown = [n for n, _ in assignment.overrides if n not in known]
+            if unknown:
+                raise QschedError(f"layer {unknown[0]!r} is overridden but no level of this bank quantizes it "
+                                  f"({len(unknown)} such layers); override only layers of `switchable_layers`")
+
+    def prepare(self, assignments) -> None:
+        """Builds what the assignments need before they run (the real-kernel bank: one compiled copy each with
+        overrides), so that no build happens in the middle of a run."""
+        for a in assignments:
+            self.check_assignment(a)
+            self._prepare(a)
+
+    def _prepare(self, assignment: LayerAssignment) -> None:
+        """Builds what `assignment` needs, if anything (subclasses)."""
+
+    def _switchable_set(self) -> set:
+        cached = getattr(self, "_switchable_cache", None)
+        if cached is None:
+            cached = self._switchable_cache = {n for names in self.quantized_layers.values() for n in names}
+        return cached
 
     def remove(self) -> None:
         """Restores the denoiser: its own layers and forward, no bank hook."""
@@ -271,6 +329,20 @@ class Bank(ABC):
         """Each level's `bops` and `memory` cost as a fraction of the reference level's."""
         ref = self.menu[self.reference]
         return {name: self.footprint(name).level_costs(self.menu[name], ref) for name in self.levels}
+
+    def layer_costs(self) -> LayerCosts:
+        """Per-layer MACs and parameters of the recorded call, and each level's layers and bits: the table that
+        prices an assignment with overrides exactly (`LayerCosts.cost(assignment)`)."""
+        self.footprint(self.reference)  # the same one-line error when no call was recorded yet
+        modules = dict(self.denoiser.named_modules())
+        switchable = self.switchable_layers
+        params = {n: getattr(modules[n], "inner", modules[n]).weight.numel() for n in switchable}
+        return LayerCosts(
+            macs={n: int(v) for n, v in self.stats.macs.items()}, params=params,
+            total_params=sum(p.numel() for p in self.denoiser.parameters()),
+            quantized={lv: tuple(self.quantized_layers[lv]) for lv in self.levels},
+            bits={lv: (self.menu[lv].weight_bits, self.menu[lv].act_bits) for lv in self.levels},
+            reference=self.reference)
 
     def describe(self) -> dict:
         """What schedules and manifests record of the bank: backend, target, compile, and per level its kernel and

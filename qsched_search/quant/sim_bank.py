@@ -22,25 +22,29 @@ __all__ = ["SimulatedBank", "SwitchableLayer"]
 
 
 class SwitchableLayer(nn.Module):
-    """Wraps a Linear or Conv2d and computes with the active level's rounding.
+    """Wraps a Linear or Conv2d and computes with the rounding of the level the active assignment gives it.
 
     The wrapped module keeps its own parameters (levels that leave this layer alone call it untouched); the levels'
     prepared weights are plain tensors held here, so `state_dict()` of the denoiser gains nothing while the bank
     is installed.
     """
 
-    def __init__(self, inner: nn.Linear | nn.Conv2d, forwards: dict[str, Callable], extra_bytes: int, bank: "SimulatedBank"):
+    def __init__(self, inner: nn.Linear | nn.Conv2d, forwards: dict[str, Callable], extra_bytes: int, bank: "SimulatedBank",
+                 name: str = ""):
         super().__init__()
         self.inner = inner
         self._forwards = forwards
         self._extra_bytes = extra_bytes
         self._bank = bank
+        self._name = name
 
     def extra_bytes(self) -> int:
         return self._extra_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = self._forwards.get(self._bank.active)
+        state = self._bank._state
+        fn = self._forwards.get(state.overrides.get(self._name, state.assignment.default) if state.overrides
+                                else state.assignment.default)
         return self.inner(x) if fn is None else fn(x)
 
 
@@ -69,9 +73,12 @@ def _kernel_recipe(inner: nn.Linear, level: Level, kernel: KernelChoice) -> tupl
 class SimulatedBank(Bank):
     """Installs switchable layers into a denoiser in place; see `Bank` for the arguments and the guarantees.
 
+    A per-layer assignment costs nothing to switch to: each layer looks its level up in the active assignment.
+
     Example:
         bank = SimulatedBank(pipe.unet, load_menu(), ["w8a8", "fp8"], reference="fp32", exclude=family.exclude)
         bank.set_level("w8a8"); pipe(...)   # every denoiser call now rounds as w8a8's kernel does
+        bank.set_assignment(LayerAssignment("w8a8", (("mid_block.attentions.0.transformer_blocks.0.ff.net.2", "fp32"),)))
         bank.remove()
     """
 
@@ -100,7 +107,7 @@ class SimulatedBank(Bank):
         self._originals: dict[str, nn.Module] = {}
         self.layers: dict[str, SwitchableLayer] = {}
         for name, forwards in per_layer.items():
-            layer = SwitchableLayer(modules[name], forwards, extra[name], self)
+            layer = SwitchableLayer(modules[name], forwards, extra[name], self, name)
             self._set_submodule(name, layer)
             self._originals[name] = modules[name]
             self.layers[name] = layer
@@ -125,8 +132,9 @@ class SimulatedBank(Bank):
     def memory(self) -> dict:
         base = sum(p.numel() * p.element_size() for p in self.denoiser.parameters())
         extra = sum(self._level_bytes.values())
+        # Per-layer assignments need no copy here: each layer looks its level up at every call.
         return {"denoiser_bytes": base, "bank_extra_bytes": extra, "total_bytes": base + extra,
-                "per_level_extra_bytes": dict(self._level_bytes)}
+                "per_level_extra_bytes": dict(self._level_bytes), "assignment_copies": 0, "assignment_extra_bytes": 0}
 
     def _counted_modules(self):
         inners = {id(layer.inner) for layer in self.layers.values()}

@@ -13,6 +13,10 @@ Python, small batches stay host-bound; `cuda_graphs=True` replays each (level, s
 (measured: on an H100 without graphs every SDXL level was slower than bf16; on an H200 with them FLUX.1-schnell
 fp8 ran 1.31x faster than bf16 at 1024 px, batch 1).
 
+A per-layer assignment (some layers at another level than the step's) runs on one more copy of its own, assembled
+from the level copies' quantized layers (the same module objects, so it adds no weight memory) and compiled once:
+as many extra copies as distinct assignments with overrides are set or prepared (`memory()` reports them).
+
 Example:
     bank = RealKernelBank(pipe.transformer, menu, ["fp8"], reference="bf16", exclude=family.exclude,
                           calibration=(args, kwargs), cuda_graphs=True)
@@ -33,6 +37,7 @@ from torch import nn
 from qsched_search.errors import QschedError
 from qsched_search.quant.bank import Bank
 from qsched_search.quant.cuda_graphs import GraphCache
+from qsched_search.quant.groups import LayerAssignment
 from qsched_search.quant.kernels import KernelChoice, kernel_for, torchao
 
 logger = logging.getLogger(__name__)
@@ -118,6 +123,8 @@ class RealKernelBank(Bank):
             torch._inductor.config.force_fuse_int_mm_with_mul = True
         self._copies: dict[str, nn.Module] = {}
         self._runners: dict[str, Callable] = {}
+        self._mixed: dict[LayerAssignment, nn.Module] = {}
+        self._mixed_runners: dict[LayerAssignment, Callable] = {}
         for name in self.levels:
             started = time.perf_counter()
             self._copies[name] = self._build(name)
@@ -160,6 +167,30 @@ class RealKernelBank(Bank):
                               f"(first missing: {sorted(chosen - set(seen))[:1]}); the layer rule and torchao disagree")
         return variant
 
+    def _prepare(self, assignment: LayerAssignment) -> None:
+        if assignment.uniform or assignment in self._mixed:
+            return
+        started = time.perf_counter()
+        variant = _shared_copy(self.denoiser)
+        for layer in self.switchable_layers:
+            level = assignment.level_of(layer)
+            if self.kernels[level].is_identity or layer not in self._quantized_sets()[level]:
+                continue
+            # The level copy's quantized module itself: shared, so the mixed copy holds no weights of its own.
+            parent_name, _, child = layer.rpartition(".")
+            parent = variant.get_submodule(parent_name) if parent_name else variant
+            setattr(parent, child, self._copies[level].get_submodule(layer))
+        self._mixed[assignment] = variant
+        self._mixed_runners[assignment] = self._compiled(variant)
+        self.build_seconds[assignment.key] = time.perf_counter() - started
+        logger.info("built a compiled copy for assignment %s (%d of them now)", assignment.key, len(self._mixed))
+
+    def _quantized_sets(self) -> dict[str, set]:
+        cached = getattr(self, "_sets_cache", None)
+        if cached is None:
+            cached = self._sets_cache = {lv: set(names) for lv, names in self.quantized_layers.items()}
+        return cached
+
     def _compiled(self, variant: nn.Module) -> Callable:
         if self.compile == "none":
             return variant
@@ -177,56 +208,69 @@ class RealKernelBank(Bank):
     # ------------------------------------------------------------------------------------------- running
 
     def _forward(self, *args, **kwargs):
-        runner = self._runners[self._state.active]
+        assignment = self._state.assignment
+        runner = self._runners[assignment.default] if assignment.uniform else self._mixed_runners[assignment]
         if self.graphs is not None:
-            return self.graphs(self._state.active, runner, args, kwargs)
+            return self.graphs(assignment.key if assignment.uniform else assignment, runner, args, kwargs)
         return runner(*args, **kwargs)
 
-    def warm_up(self, *args, shape_key: str = "", levels=None, on_level: Callable | None = None, **kwargs) -> dict[str, float]:
-        """Runs every level once on these inputs (compiling it for their shapes) and returns each level's seconds.
+    def warm_up(self, *args, shape_key: str = "", levels=None, on_level: Callable | None = None, assignments=(),
+                **kwargs) -> dict[str, float]:
+        """Runs every level (and each of `assignments`) once on these inputs, compiling it for their shapes, and
+        returns the seconds of each, by level name or assignment key.
 
         The first call of a level for a new input shape includes its compile; the seconds are also kept in
         `compile_seconds[(level, shape_key)]`. With CUDA graphs the level's graph is captured after that call, and
         its seconds kept in `graph_seconds[(level, shape_key)]`. `on_level(level, seconds)` is called after each level.
         """
         out = {}
-        previous = self.active
+        previous = self.assignment
+        todo = [LayerAssignment(name) for name in (levels or self.levels)] + [a for a in assignments if not a.uniform]
         try:
-            for name in levels or self.levels:
-                self.set_level(name)
+            for assignment in todo:
+                self.set_assignment(assignment)
+                runner = self._runners[assignment.default] if assignment.uniform else self._mixed_runners[assignment]
+                graph_key = assignment.key if assignment.uniform else assignment
                 _sync(self.denoiser)
                 started = time.perf_counter()
                 with torch.no_grad():
-                    self._runners[name](*args, **kwargs)  # the compile, outside any graph capture
+                    runner(*args, **kwargs)  # the compile, outside any graph capture
                 _sync(self.denoiser)
-                out[name] = time.perf_counter() - started
-                self.compile_seconds[(name, shape_key)] = out[name]
+                out[assignment.key] = time.perf_counter() - started
+                self.compile_seconds[(assignment.key, shape_key)] = out[assignment.key]
                 if self.graphs is not None:
                     started = time.perf_counter()
                     with torch.no_grad():
-                        self.graphs(name, self._runners[name], args, kwargs)
+                        self.graphs(graph_key, runner, args, kwargs)
                     _sync(self.denoiser)
-                    self.graph_seconds[(name, shape_key)] = time.perf_counter() - started
+                    self.graph_seconds[(assignment.key, shape_key)] = time.perf_counter() - started
                 if on_level is not None:
-                    on_level(name, out[name])
+                    on_level(assignment.key, out[assignment.key])
         finally:
-            self.set_level(previous)
+            self.set_assignment(previous)
         return out
 
     # ------------------------------------------------------------------------------------------- accounting
 
     def memory(self) -> dict:
-        """Bytes of the denoiser's own tensors and of what each level's copy adds (shared tensors counted once)."""
+        """Bytes of the denoiser's own tensors and of what each level's copy adds (shared tensors counted once), and
+        the copies built for assignments with overrides (`assignment_copies`) with the bytes they add."""
         seen: set = set()
         base = tensor_bytes([self.denoiser], seen)
         per_level = {name: tensor_bytes([self._copies[name]], seen) for name in self.levels}
-        extra = sum(per_level.values())
+        per_assignment = {a.key: tensor_bytes([m], seen) for a, m in self._mixed.items()}
+        extra = sum(per_level.values()) + sum(per_assignment.values())
         return {"denoiser_bytes": base, "bank_extra_bytes": extra, "total_bytes": base + extra,
-                "per_level_extra_bytes": per_level, "bank_vs_denoiser": (base + extra) / base if base else float("nan")}
+                "per_level_extra_bytes": per_level, "assignment_copies": len(self._mixed),
+                "assignment_extra_bytes": sum(per_assignment.values()), "per_assignment_extra_bytes": per_assignment,
+                "compiled_copies": len(self._copies) + len(self._mixed),
+                "bank_vs_denoiser": (base + extra) / base if base else float("nan")}
 
     def _uninstall(self) -> None:
         self._runners.clear()
         self._copies.clear()
+        self._mixed.clear()
+        self._mixed_runners.clear()
         if self.graphs is not None:
             self.graphs.clear()
 

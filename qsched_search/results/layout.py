@@ -32,6 +32,20 @@ class ResultsDir:
         return self.root / "probe_cells.jsonl"
 
     @property
+    def probe_layers_csv(self) -> Path:
+        """The step x layer-group probe (`qsched probe --layers`)."""
+        return self.root / "probe_layers.csv"
+
+    @property
+    def probe_layer_cells(self) -> Path:
+        """Finished step x group cells, one JSON line each, so a killed layer probe resumes."""
+        return self.root / "probe_layer_cells.jsonl"
+
+    def probe_layers_heatmap(self, level: str) -> Path:
+        """The step x group heatmap of one level."""
+        return self.root / f"probe_layers_heatmap_{level}.png"
+
+    @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"
 

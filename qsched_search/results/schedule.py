@@ -1,4 +1,9 @@
-"""A per-step precision schedule: its cost, its validation against the menu, and its JSON file with a schema."""
+"""A per-step precision schedule (with optional per-layer overrides): its cost, its validation against the menu and
+the layer groups, and its JSON file with a schema.
+
+Schema versions: 3 adds `overrides` (per step, a list of group or pattern -> level) and `layer_groups` (the groups'
+module names); 2 added the `execution` section; files of versions 1 and 2 load as schedules without overrides.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from typing import Any, Mapping, Sequence
 from qsched_search.errors import QschedError
 from qsched_search.quant.levels import Menu, load_menu, menu_from_dict
 from qsched_search.resources import SCHEDULE_SCHEMA
+from qsched_search.results.assignment import Override, StepAssignment
 from qsched_search.results.coefficients import Coefficients
 from qsched_search.results.io import write_json
 from qsched_search.results.tables import BUDGET_EPS
@@ -29,7 +35,7 @@ __all__ = [
     "validate_schedule_dict",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_PATH = SCHEDULE_SCHEMA
 COST_MODELS = ("bops", "memory", "latency")
 _FIX = "fix the file or re-run `qsched search`"
@@ -117,8 +123,11 @@ class Schedule:
             profile); the cost under `cost_model` must be within `budget`.
         quality (`Quality`): the measured quality.
         provenance (`Mapping`): tool_version, seed, prompts_sha256, command, created (more keys allowed).
-        extras (`Mapping`, *optional*): optional JSON fields (`menu`, `exclude`, `search`, `coefficients`), kept as
-            they are; a `coefficients` section must cover exactly `steps` steps.
+        extras (`Mapping`, *optional*): optional JSON fields (`menu`, `exclude`, `search`, `coefficients`,
+            `layer_groups`), kept as they are; a `coefficients` section must cover exactly `steps` steps.
+        overrides (`tuple[tuple[Override, ...], ...]`, *optional*): per step, the per-layer overrides of its level
+            (a later one wins where two name the same layer); empty: none at any step. A group an override names
+            must be in the `layer_groups` section when the file has one.
     """
 
     levels: tuple[str, ...]
@@ -133,6 +142,7 @@ class Schedule:
     quality: Quality
     provenance: Mapping[str, Any]
     extras: Mapping[str, Any] = field(default_factory=dict)
+    overrides: tuple[tuple[Override, ...], ...] = ()
 
     def __post_init__(self):
         # Copies, so that neither the caller's lists nor ours change behind the other's back.
@@ -174,6 +184,18 @@ class Schedule:
         if not isinstance(self.model_id, str) or not self.model_id:
             raise QschedError(f"schedule model.id = {self.model_id!r} is invalid; allowed: a non-empty model id")
         _ = self.coefficients  # a section for another step count fails here, not when a pipeline runs it
+        overrides = tuple(tuple(step) for step in self.overrides)
+        if overrides and len(overrides) != self.steps:
+            raise QschedError(f"schedule overrides has {len(overrides)} entries but steps = {self.steps}; allowed: one "
+                              "list of overrides per step (an empty list for a step without any)")
+        for i, step in enumerate(overrides):
+            for j, o in enumerate(step):
+                if not isinstance(o, Override):
+                    raise QschedError(f"schedule overrides[{i}][{j}] = {o!r} is invalid; allowed: an Override")
+        object.__setattr__(self, "overrides", overrides if any(overrides) else ())
+        recorded = (self.extras.get("layer_groups") or {}).get("groups")
+        if recorded is not None:
+            self.validate_groups(recorded, "the file's layer_groups section")
 
     @property
     def coefficients(self) -> Coefficients | None:
@@ -182,6 +204,31 @@ class Schedule:
         return None if raw is None else Coefficients.from_dict(raw, source="schedule coefficients", steps=self.steps)
 
     # ------------------------------------------------------------------------------------------- views
+
+    @property
+    def step_assignments(self) -> tuple[StepAssignment, ...]:
+        """Each step's level with its per-layer overrides (none for a per-step schedule)."""
+        return tuple(StepAssignment(lv, self.overrides[i] if self.overrides else ()) for i, lv in enumerate(self.levels))
+
+    @property
+    def has_overrides(self) -> bool:
+        return bool(self.overrides)
+
+    @property
+    def all_levels(self) -> tuple[str, ...]:
+        """Every level the schedule runs, the steps' own and the overrides', in order of first use."""
+        return tuple(dict.fromkeys(lv for step in self.step_assignments for lv in step.levels))
+
+    def validate_groups(self, groups, where: str = "the model family's layer groups") -> "Schedule":
+        """Checks that every group an override names is one of `groups` (names); returns self."""
+        known = set(groups)
+        for i, step in enumerate(self.overrides):
+            for j, o in enumerate(step):
+                if o.group is not None and o.group not in known:
+                    shown = ", ".join(sorted(known)[:4]) + (f" and {len(known) - 4} more" if len(known) > 4 else "")
+                    raise QschedError(f"schedule overrides[{i}][{j}].group = {o.group!r} is not in {where}; allowed: "
+                                      f"{shown or 'none (no groups)'}; see `qsched precisions --groups`")
+        return self
 
     @property
     def execution(self) -> Mapping[str, Any]:
@@ -209,6 +256,11 @@ class Schedule:
             if level not in menu.levels:
                 raise QschedError(f"schedule levels[{i}] = {level!r} is not in the precision menu {menu.source or ''}; "
                                   f"allowed: {', '.join(menu.names)}; add the level to the menu YAML or pass the menu it was made with")
+        for i, step in enumerate(self.overrides):
+            for j, o in enumerate(step):
+                if o.level not in menu.levels:
+                    raise QschedError(f"schedule overrides[{i}][{j}].level = {o.level!r} is not in the precision menu "
+                                      f"{menu.source or ''}; allowed: {', '.join(menu.names)}")
         if self.reference not in menu.levels:
             raise QschedError(f"schedule reference = {self.reference!r} is not in the precision menu {menu.source or ''}; "
                               f"allowed: {', '.join(n for n, lv in menu.levels.items() if lv.is_reference)}")
@@ -232,6 +284,8 @@ class Schedule:
             "quality": self.quality.to_dict(),
             "provenance": dict(self.provenance),
         }
+        if self.overrides:
+            out["overrides"] = [[o.to_dict() for o in step] for step in self.overrides]
         for key, value in self.extras.items():
             out.setdefault(key, value)
         return _json_clean(out)
@@ -241,9 +295,11 @@ class Schedule:
         """Builds a schedule from its JSON object after validating it against the schema."""
         validate_schedule_dict(obj, source)
         known = {"schema_version", "model", "steps", "timesteps", "levels", "reference", "budget", "cost", "quality",
-                 "provenance"}
+                 "provenance", "overrides"}
         q = obj["quality"]
         try:
+            overrides = tuple(tuple(Override.from_dict(o, f"schedule overrides[{i}][{j}]") for j, o in enumerate(step))
+                              for i, step in enumerate(obj.get("overrides") or ()))
             return cls(
                 levels=tuple(obj["levels"]),
                 steps=obj["steps"],
@@ -258,6 +314,7 @@ class Schedule:
                                 q["n"], q["higher_is_better"], q.get("per_image")),
                 provenance=obj["provenance"],
                 extras={k: v for k, v in obj.items() if k not in known},
+                overrides=overrides,
             )
         except QschedError as exc:
             raise QschedError(f"{source}: {exc}; {_FIX}") from None

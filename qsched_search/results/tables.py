@@ -11,7 +11,7 @@ from typing import Sequence
 
 import pandas as pd
 
-__all__ = ["BUDGET_EPS", "COEFFICIENTS_FRONT_COLUMNS", "PROBE_COLUMNS", "TRIALS_COLUMNS", "best_uniform_at_most",
+__all__ = ["BUDGET_EPS", "COEFFICIENTS_FRONT_COLUMNS", "PROBE_COLUMNS", "PROBE_LAYER_COLUMNS", "TRIALS_COLUMNS", "best_uniform_at_most",
            "choose_schedule", "completed", "pareto_front", "schedule_key", "split_schedule", "uniform_rows"]
 
 # Costs go through floats, CSV and JSON; a schedule exactly at the budget must stay within it.
@@ -19,6 +19,9 @@ BUDGET_EPS = 1e-9
 
 PROBE_COLUMNS = ["kind", "step", "timestep", "precision", "metric", "value", "ci_low", "ci_high", "n", "delta",
                  "unhealthy_images", "fail_reason"]
+# probe_layers.csv: the probe's columns with the group (and how many layers it holds) of each step x group cell.
+PROBE_LAYER_COLUMNS = ["kind", "step", "timestep", "group", "layers", "precision", "metric", "value", "ci_low", "ci_high",
+                       "n", "delta", "unhealthy_images", "fail_reason"]
 TRIALS_COLUMNS = ["trial", "schedule", "source", "state", "fail_reason", "cost", "cost_bops", "cost_memory",
                   "cost_latency", "feasible", "metric", "value", "ci_low", "ci_high", "n"]
 COEFFICIENTS_FRONT_COLUMNS = ["schedule", "cost", "metric", "value", "ci_low", "ci_high", "value_with", "ci_low_with",
@@ -26,13 +29,14 @@ COEFFICIENTS_FRONT_COLUMNS = ["schedule", "cost", "metric", "value", "ci_low", "
                               "calibration_evaluations", "fail_reason"]
 
 
-def schedule_key(levels: Sequence[str]) -> str:
-    """A schedule's name in every table and cache: its levels comma-joined."""
-    return ",".join(levels)
+def schedule_key(levels: Sequence) -> str:
+    """A schedule's name in every table and cache: its steps' keys comma-joined (a step's key is its level, with
+    its per-layer overrides in braces if it has any: `qsched_search.results.assignment`)."""
+    return ",".join(str(s) for s in levels)
 
 
 def split_schedule(key) -> list[str]:
-    """The levels of a `schedule` cell (tolerates spaces a hand edit left)."""
+    """The step keys of a `schedule` cell (tolerates spaces a hand edit left); for a per-step schedule, its levels."""
     return [s.strip() for s in str(key).split(",") if s.strip()]
 
 
@@ -90,7 +94,8 @@ def uniform_rows(trials: pd.DataFrame, steps: int | None = None, metric: str | N
     """Completed uniform schedules (every step at one level), with a `level` column, cheapest first."""
     done = completed(trials, metric)
     parts = done["schedule"].map(split_schedule)
-    uniform = done[parts.map(lambda p: bool(p) and len(set(p)) == 1 and (steps is None or len(p) == steps))].copy()
+    uniform = done[parts.map(lambda p: bool(p) and len(set(p)) == 1 and "{" not in p[0]
+                             and (steps is None or len(p) == steps))].copy()
     uniform["level"] = uniform["schedule"].map(lambda s: split_schedule(s)[0])
     keys = ["cost"] + (["trial"] if "trial" in uniform.columns else [])
     return uniform.sort_values(keys, kind="stable")

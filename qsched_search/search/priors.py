@@ -13,13 +13,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from qsched_search.results.schedule import cost_of
 from qsched_search.results.tables import BUDGET_EPS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DP_POINTS", "AdditiveModel", "Prediction", "additive_front", "additive_model", "dp_schedule",
-           "greedy_schedule", "warm_start_schedules"]
+__all__ = ["DP_POINTS", "AdditiveModel", "Prediction", "additive_front", "additive_model", "choice_front", "choice_greedy",
+           "dp_schedule", "greedy_schedule", "warm_start_schedules"]
 
 # Probe-DP warm-start points: the predicted optimum at the budget plus points spread over the predicted front.
 DP_POINTS = 8
@@ -103,16 +102,35 @@ def additive_front(model: AdditiveModel, level_costs: Mapping[str, float]) -> li
     Returns:
         `list[Prediction]`: non-dominated schedules sorted by cost (ascending), harm descending along the list.
     """
+    return [Prediction(levels, harm, cost / model.steps) for cost, harm, levels in choice_front(_step_options(model, level_costs))]
+
+
+def _step_options(model: AdditiveModel, level_costs: Mapping[str, float]) -> list[list[tuple[str, float, float]]]:
+    return [[(lv, float(level_costs[lv]), model.step_harm(step, lv)) for lv in model.levels] for step in range(model.steps)]
+
+
+def choice_front(options: Sequence[Sequence[tuple[str, float, float]]],
+                 max_states: int | None = None) -> list[tuple[float, float, tuple[str, ...]]]:
+    """The Pareto front of (total cost, total harm) over one choice per item: `options[i]` lists item i's
+    `(label, cost, harm)` choices (an infinite harm is never chosen). Exact by dynamic programming over items (see
+    `additive_front`); with `max_states`, the kept prefixes are thinned to that many, evenly over cost, after each
+    item (for spaces of many items, such as steps x layer groups).
+
+    Returns:
+        `(cost, harm, labels)` states sorted by cost, harm descending along the list.
+    """
     states: list[tuple[float, float, tuple[str, ...]]] = [(0.0, 0.0, ())]
-    for step in range(model.steps):
+    for choices in options:
         grown = []
         for cost, harm, prefix in states:
-            for level in model.levels:
-                h = model.step_harm(step, level)
+            for label, c, h in choices:
                 if math.isfinite(h):
-                    grown.append((cost + float(level_costs[level]), harm + h, prefix + (level,)))
+                    grown.append((cost + float(c), harm + h, prefix + (label,)))
         states = _pareto_states(grown)
-    return [Prediction(levels, harm, cost / model.steps) for cost, harm, levels in states]
+        if max_states is not None and len(states) > max_states:
+            keep = np.linspace(0, len(states) - 1, num=max_states).round().astype(int)
+            states = [states[i] for i in sorted(set(keep.tolist()))]
+    return states
 
 
 def _pareto_states(states: list[tuple[float, float, tuple[str, ...]]]) -> list[tuple[float, float, tuple[str, ...]]]:
@@ -135,32 +153,41 @@ def dp_schedule(model: AdditiveModel, level_costs: Mapping[str, float], budget: 
 def greedy_schedule(model: AdditiveModel, level_costs: Mapping[str, float], budget: float) -> tuple[str, ...] | None:
     """The probe-greedy schedule: from all-reference, lower the step whose harm per cost saved is least until
     within budget, then spend what is left of the budget on the upgrades that remove the most harm."""
-    levels = [model.reference] * model.steps
-    cost = lambda lv: cost_of(lv, level_costs)  # noqa: E731
-    while cost(levels) > budget + BUDGET_EPS:
+    return choice_greedy(_step_options(model, level_costs), [model.reference] * model.steps, budget, model.steps)
+
+
+def choice_greedy(options: Sequence[Sequence[tuple[str, float, float]]], start: Sequence[str], budget: float,
+                  divisor: float = 1.0) -> tuple[str, ...] | None:
+    """Greedy over items with `(label, cost, harm)` choices (see `choice_front`), from the labels `start`: lower the
+    item whose harm added per cost saved is least until the total cost / `divisor` is within `budget`, then take
+    the upgrades that remove the most harm while it stays within. None if the budget cannot be met."""
+    table = [{label: (float(c), h) for label, c, h in choices} for choices in options]
+    labels = list(start)
+    cost = lambda ls: sum(table[i][lb][0] for i, lb in enumerate(ls)) / divisor  # noqa: E731
+    while cost(labels) > budget + BUDGET_EPS:
         moves = []
-        for step, current in enumerate(levels):
-            for level in model.levels:
-                saved = float(level_costs[current]) - float(level_costs[level])
-                added = model.step_harm(step, level) - model.step_harm(step, current)
+        for i, current in enumerate(labels):
+            for label, (c, h) in table[i].items():
+                saved = table[i][current][0] - c
+                added = h - table[i][current][1]
                 if saved > 0 and math.isfinite(added):
-                    moves.append((added / saved, -saved, step, level))
+                    moves.append((added / saved, -saved, i, label))
         if not moves:
             return None
-        _, _, step, level = min(moves)
-        levels[step] = level
+        _, _, i, label = min(moves)
+        labels[i] = label
     while True:
         moves = []
-        for step, current in enumerate(levels):
-            for level in model.levels:
-                gain = model.step_harm(step, current) - model.step_harm(step, level)
-                trial = levels[:step] + [level] + levels[step + 1:]
+        for i, current in enumerate(labels):
+            for label, (c, h) in table[i].items():
+                gain = table[i][current][1] - h
+                trial = labels[:i] + [label] + labels[i + 1:]
                 if gain > 0 and cost(trial) <= budget + BUDGET_EPS:
-                    moves.append((-gain, step, level))
+                    moves.append((-gain, i, label))
         if not moves:
-            return tuple(levels)
-        _, step, level = min(moves)
-        levels[step] = level
+            return tuple(labels)
+        _, i, label = min(moves)
+        labels[i] = label
 
 
 def warm_start_schedules(levels: Sequence[str], reference: str, steps: int, level_costs: Mapping[str, float],
