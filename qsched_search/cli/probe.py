@@ -10,9 +10,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from qsched_search.cli._common import (BackendChoice, BackendOpt, BatchOpt, CompileOpt, CudaGraphsOpt, DeviceOpt, DtypeOpt, FamilyOpt,
-                                       MenuOpt, MetricsOpt, ModelOpt, PrecisionsOpt, PromptsOpt, ReferenceOpt, SamplesOpt,
-                                       SeedOpt, StepsOpt, VerboseOpt, WeightsOpt, console, reuse_line, split_list,
-                                       user_errors)
+                                       LoraOpt, MenuOpt, MetricsOpt, ModelOpt, PrecisionsOpt, PromptsOpt, ReferenceOpt,
+                                       SamplesOpt, SeedOpt, StepsOpt, VerboseOpt, WeightsOpt, console, lora_lines,
+                                       parse_loras, reuse_line, split_list, user_errors)
 from qsched_search.results.io import check_writable
 from qsched_search.results.layout import ResultsDir
 from qsched_search.results.provenance import device_name
@@ -38,6 +38,7 @@ def probe(
     backend: BackendOpt = BackendChoice.auto,
     compile: CompileOpt = None,
     cuda_graphs: CudaGraphsOpt = False,
+    lora: LoraOpt = None,
     out: Annotated[str, typer.Option("--out", "-o", help="Results folder.")] = "results/probe",
     verbose: VerboseOpt = False,
 ):
@@ -46,7 +47,8 @@ def probe(
     Writes OUT/probe.csv (step, timestep, precision, metric, value, 95% CI, n, delta from the noise floor),
     OUT/probe_heatmap.png and OUT/manifest.json. Finished cells are kept in OUT/probe_cells.jsonl: a killed
     probe restarts where it stopped. On a CUDA device the levels run on torchao's real kernels (--backend auto);
-    on a CPU they are simulated, rounding as those kernels do.
+    on a CPU they are simulated, rounding as those kernels do. With --lora, each LoRA is fused into the model first
+    and must change its reference images; the probe then measures the fine-tuned model.
 
     Example: qsched probe --steps 4 --precisions w8a8,w4a8,w4a4 --samples 64 --out results/demo
     """
@@ -60,11 +62,13 @@ def probe(
                            samples=samples, seed=seed, prompts=read_prompts(prompts), metrics=split_list(metrics),
                            device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
                            weights_dir=weights_dir or None, family=family or None, backend=backend.value,
-                           compile=compile.value if compile else None, cuda_graphs=cuda_graphs)
+                           compile=compile.value if compile else None, cuda_graphs=cuda_graphs, loras=parse_loras(lora))
     results = ResultsDir(out)
     check_writable(results.root, "--out")
     session = open_session(settings)
     try:
+        for line in lora_lines(session.model.loras):
+            console.print(line, highlight=False)
         described = session.describe()
         cells = probe_cells(settings.precisions, reference, steps)
         columns = [TextColumn("[bold]probe[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -76,7 +80,8 @@ def probe(
         files = write_probe(result, results, primary, {
             **described, "model": session.model.model_id, "prompts": sorted(set(session.eval_set.prompts)),
             "device": device_name(device), "timesteps": session.evaluator.timesteps,
-            "bank_memory": session.bank.memory(), "level_costs": session.bank.level_costs()},
+            "bank_memory": session.bank.memory(), "level_costs": session.bank.level_costs(),
+            "lora_effects": session.lora_record()},
             title=f"{session.model.model_id}: change in {primary.name if primary else ''} when one step runs at a lower precision")
         frame = result.table
     finally:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qsched_search.pipeline.coefficients import AppliedCoefficients, apply_coefficients
 from qsched_search.pipeline.families import Family, detect_family, load_family
+from qsched_search.pipeline.lora import FusedLoras, fuse_loaded_loras, lora_mismatch
 from qsched_search.pipeline.switching import ScheduleHook, install_schedule, remove_schedule
 from qsched_search.quant.backends import build_bank, resolve_backend
 from qsched_search.quant.bank import Bank
@@ -32,13 +33,16 @@ class AppliedSchedule:
     timesteps: tuple[int, ...]
     hook: ScheduleHook
     coefficients: AppliedCoefficients | None = None
+    loras: FusedLoras | None = None  # the pipeline's own LoRA adapters, fused so that the bank sees their weights
 
     def remove(self) -> None:
-        """Restores the pipeline's denoiser and scheduler."""
+        """Restores the pipeline's denoiser and scheduler (and unfuses LoRA adapters it fused)."""
         remove_schedule(self.bank.denoiser)
         self.bank.remove()
         if self.coefficients is not None:
             self.coefficients.remove()
+        if self.loras is not None:
+            self.loras.remove()
 
 
 def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family: Family | str | None = None,
@@ -51,6 +55,11 @@ def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family
     run with another number of steps fails loudly instead of running at a wrong precision. A schedule that records
     which layers each level quantized (schema 2) gets exactly those layers, so the images equal the search's for the
     same backend, device, prompts and seeds. Its `coefficients` section, if any, is installed on `pipe.scheduler`.
+
+    LoRAs the pipeline holds (loaded with `pipe.load_lora_weights`, active adapters at their `set_adapters` weights)
+    are fused into its weights before the bank is built, the order that works with quantized layers; `.remove()`
+    unfuses them. When they are not the LoRAs the schedule was measured with (or the schedule had some and the
+    pipeline has none), one warning line says so: a LoRA changes which steps tolerate low precision.
 
     Args:
         pipe: a diffusers pipeline of a family in configs/families.
@@ -85,15 +94,23 @@ def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family
     levels = tuple(schedule.levels)
     needed = sorted(set(levels), key=levels.index)
     layers = {lv: schedule.quantized_layers(lv) for lv in needed if schedule.quantized_layers(lv) is not None}
-    bank = build_bank(chosen, denoiser, menu, needed, schedule.reference, list(family.exclude),
-                      compile=compile or schedule.execution.get("compile"), cuda_graphs=cuda_graphs,
-                      layers=layers or None)
+    loras = fuse_loaded_loras(pipe, family.denoiser)  # before the bank: it quantizes the fused weights
+    bank = None
     try:
+        mismatch = lora_mismatch(schedule.loras, denoiser, loras, family.denoiser)
+        if mismatch:
+            logger.warning(mismatch)
+        bank = build_bank(chosen, denoiser, menu, needed, schedule.reference, list(family.exclude),
+                          compile=compile or schedule.execution.get("compile"), cuda_graphs=cuda_graphs,
+                          layers=layers or None)
         hook = install_schedule(bank, pipe, levels, family.timestep_scale)
         applied = apply_coefficients(pipe, schedule.coefficients) if coefficients else None
     except BaseException:
         remove_schedule(denoiser)
-        bank.remove()
+        if bank is not None:
+            bank.remove()
+        if loras is not None:
+            loras.remove()
         raise
     return AppliedSchedule(bank=bank, levels=levels, timesteps=tuple(schedule.timesteps), hook=hook,
-                           coefficients=applied)
+                           coefficients=applied, loras=loras)
