@@ -168,7 +168,7 @@ def test_apply_schedule_warns_once_when_the_pipeline_has_other_loras(family_lora
     folder, lora_file = family_loras["sd-turbo"]
     model = load_model(str(folder))
     loras = apply_loras(model, [str(lora_file)])
-    schedule = make_schedule(levels=("w8a8", "fp32"), steps=2, timesteps=(999, 499), extras={"loras": loras.to_dict()})
+    schedule = make_schedule(levels=("w8a8", "fp32"), steps=2, timesteps=(999, 499), budget=0.9, extras={"loras": loras.to_dict()})
     other = write_lora(load_model(str(folder)).pipe, tmp_path / "other", seed=7)
 
     def warnings_with(lora_dir, scale=1.0):
@@ -184,7 +184,7 @@ def test_apply_schedule_warns_once_when_the_pipeline_has_other_loras(family_lora
 
     assert warnings_with(lora_file.parent) == []  # the same LoRA, loaded by the user: no warning
     for lora_dir, scale, expect in ((None, 1.0, "this pipeline has no LoRA adapters"),
-                                    (other.parent, 1.0, "this pipeline has LoRA adapter(s)"),
+                                    (other.parent, 1.0, "this pipeline has adapter(s) default_0 on 32 modules"),
                                     (lora_file.parent, 0.5, "its weights in the LoRA's modules differ")):
         lines = warnings_with(lora_dir, scale)
         assert len(lines) == 1 and "\n" not in lines[0], lines
@@ -203,7 +203,7 @@ def test_apply_schedule_fuses_a_loaded_lora_and_remove_restores_the_pipeline(fam
     pipe.load_lora_weights(str(lora_file.parent))
     wrapped = {n for n, m in pipe.unet.named_modules() if isinstance(m, BaseTunerLayer)}
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    schedule = make_schedule(levels=("w8a8", "fp32"), steps=2, timesteps=(999, 499))
+    schedule = make_schedule(levels=("w8a8", "fp32"), steps=2, timesteps=(999, 499), budget=0.9)
     applied = apply_schedule(pipe, schedule, menu=load_menu())
     try:
         assert applied.loras is not None and set(applied.loras.modules) == wrapped
