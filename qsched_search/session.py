@@ -11,6 +11,7 @@ from qsched_search.errors import QschedError
 from qsched_search.eval.evaluate import ScheduleEvaluator
 from qsched_search.pipeline.loading import LoadedModel, load_model
 from qsched_search.pipeline.prefix_cache import PrefixCache
+from qsched_search.pipeline.lora import EffectCheck, LoraSpec, apply_loras
 from qsched_search.pipeline.rollout import EvalSet, Runner, capture_denoiser_call, make_eval_set
 from qsched_search.quant.backends import build_bank, check_levels, resolve_backend
 from qsched_search.quant.bank import COMPILE_MODES, Bank
@@ -39,6 +40,8 @@ class RunSettings:
             quantizes in the simulation. The model's repeated blocks if it declares them, else the whole model.
         cuda_graphs (`bool`, defaults to False): replay each level as one CUDA graph (torchao backend).
         family (`str`, *optional*): a file in configs/families; detected from the pipeline if None.
+        loras (`tuple[LoraSpec]`, *optional*): LoRAs (specs or `PATH_OR_ID[:SCALE]` strings) fused into the pipeline,
+            in this order, before the bank is built; each is checked to take effect (`qsched_search.pipeline.lora`).
     """
 
     model: str = "embedded"
@@ -59,8 +62,10 @@ class RunSettings:
     backend: str = "auto"
     compile: str | None = None
     cuda_graphs: bool = False
+    loras: tuple[LoraSpec, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "loras", tuple(LoraSpec.coerce(x) for x in self.loras))
         if self.steps < 1:
             raise QschedError(f"--steps must be at least 1, got {self.steps}")
         if self.samples < 1:
@@ -85,9 +90,17 @@ class Session:
     calibration: tuple = ((), {})  # the recorded denoiser call (args, kwargs): shapes for latency and profiles
 
     def describe(self) -> dict:
-        """Settings and derived facts for manifests and fingerprints."""
+        """Settings and derived facts for manifests and fingerprints.
+
+        `loras` (each LoRA's id, file sha256 and scale) is there only for a run with LoRAs, so fingerprints of runs
+        without them are those of earlier versions.
+        """
+        settings = asdict(self.settings)
+        settings.pop("loras")
+        loras = {"loras": self.model.loras.fingerprint()} if self.model.loras is not None else {}
         return {
-            **asdict(self.settings),
+            **settings,
+            **loras,
             "model_id": self.model.model_id,
             "weights_sha256": self.model.weights_sha256(),
             "family": self.model.family.family,
@@ -98,12 +111,18 @@ class Session:
             "execution": self.bank.describe(),
         }
 
+    def lora_record(self) -> dict | None:
+        """The `loras` section of schedule.json and manifests (each LoRA's id, sha256, scale, matched modules and
+        measured effect; the fused modules' sha256), or None for a run without LoRAs."""
+        return None if self.model.loras is None else self.model.loras.to_dict()
+
     def close(self) -> None:
         self.bank.remove()
 
 
 def open_session(settings: RunSettings, keep_images: bool = False, metrics: bool = True, menu: Menu | None = None,
-                 layers: dict | None = None, prefix_cache_mb: float | None = None) -> Session:
+                 layers: dict | None = None, prefix_cache_mb: float | None = None,
+                 lora_check: bool = True) -> Session:
     """Loads the model, records one denoiser call, builds the bank and the metrics; checks names before heavy work.
 
     Args:
@@ -114,6 +133,8 @@ def open_session(settings: RunSettings, keep_images: bool = False, metrics: bool
         layers (`dict`, *optional*): level -> module names, as a schedule recorded them (see `Bank`).
         prefix_cache_mb (`float`, *optional*): memory for reused denoising prefixes (`PrefixCache`), in MiB; 0 turns
             reuse off; None sizes it from the first schedule run. Not a setting: reuse never changes a number.
+        lora_check (`bool`, defaults to True): measure each of `settings.loras` on the run's first reference images
+            and refuse one that changes nothing (False: only the weight checks, no pipeline runs).
     """
     if prefix_cache_mb is not None and not prefix_cache_mb >= 0:
         raise QschedError(f"--prefix-cache-mb {prefix_cache_mb} is negative; pass 0 to turn prefix reuse off")
@@ -138,6 +159,9 @@ def open_session(settings: RunSettings, keep_images: bool = False, metrics: bool
         metric_objs = build_metrics(metric_names, device=settings.device, weights_dir=settings.weights_dir)
     prompts = list(settings.prompts or model.family.default_prompts)
     eval_set = make_eval_set(prompts, settings.samples, settings.seed)
+    # Fused before the bank is built: a LoRA loaded into quantized layers fails or does nothing.
+    check = EffectCheck(settings.steps, eval_set, settings.batch_size, settings.call_kwargs) if lora_check else None
+    model.loras = apply_loras(model, settings.loras, check=check)
     call_kwargs = {**model.family.call_defaults, **settings.call_kwargs}
     batch = list(eval_set.prompts[: settings.batch_size])
     # One call at the evaluation's batch size: its row counts decide which layers activation-quantizing levels take.

@@ -55,6 +55,31 @@ def split_list(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 
 
+def parse_loras(values) -> tuple:
+    """`--lora` values (PATH_OR_ID[:SCALE], repeatable) as LoraSpecs; a malformed one is a one-line error."""
+    from qsched_search.pipeline.lora import LoraSpec
+
+    return tuple(LoraSpec.parse(v) for v in values or ())
+
+
+def lora_lines(lora_set) -> list[str]:
+    """One line per fused LoRA: what it matched and how far its reference images moved from the base model's."""
+    if lora_set is None:
+        return []
+    lines = []
+    for lora in lora_set.loras:
+        matched = ", ".join(f"{c} {n}" for c, n in lora.matched.items())
+        line = f"LoRA {lora.describe()}: {matched} modules"
+        effect = lora.effect
+        if effect is not None:
+            psnr = "identical" if effect["psnr_db"] == float("inf") else f"PSNR {effect['psnr_db']:.1f} dB"
+            line += (f"; its reference images differ from the base model's by {effect['mean_abs_diff']:.4f} mean "
+                     f"|pixel difference| ({psnr}; noise floor {effect['noise_floor_mean_abs_diff']:.2g}) on "
+                     f"{effect['samples']} samples")
+        lines.append(line)
+    return lines
+
+
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'embedded' (the shipped Fashion-MNIST LCM), a local diffusers pipeline folder, or a hub id.")]
 FamilyOpt = Annotated[str, typer.Option("--family", help="Model family (a file in configs/families, e.g. sdxl-turbo); detected from the pipeline if omitted.")]
 StepsOpt = Annotated[int, typer.Option("--steps", "-s", help="Denoising steps.")]
@@ -88,6 +113,7 @@ class CompileChoice(str, enum.Enum):
 BackendOpt = Annotated[BackendChoice, typer.Option("--backend", help="sim: simulated rounding (any device); torchao: real kernels (CUDA); auto: torchao on a CUDA device, else sim.")]
 CompileOpt = Annotated[Optional[CompileChoice], typer.Option("--compile", help="The real-kernel bank's torch.compile scope (it also decides which layers quantize, in both backends); the model's repeated blocks if it declares them, else the whole model.", show_default=False)]
 CudaGraphsOpt = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay each level as one captured CUDA graph (--backend torchao): no host overhead per step.")]
+LoraOpt = Annotated[Optional[list[str]], typer.Option("--lora", help="A LoRA fused into the pipeline before it is quantized: a .safetensors file, a folder holding pytorch_lora_weights.safetensors, or a hub id, with an optional :SCALE (default 1). Repeat for several (fused in order). Each must change the model's reference images.", show_default=False)]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show library warnings and debug logs.")]
 WeightsOpt = Annotated[str, typer.Option("--weights-dir", envvar="QSCHED_WEIGHTS_DIR", help="Folder of metric weights (see `qsched weights`).")]
 LayersOpt = Annotated[bool, typer.Option("--layers", help="Also probe each layer group alone at each step (see `qsched precisions --groups`).")]

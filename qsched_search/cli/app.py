@@ -8,6 +8,7 @@ import typer
 
 from qsched_search._version import __version__
 from qsched_search.cli.calibrate import calibrate
+from qsched_search.cli.export import export
 from qsched_search.cli.generate import generate
 from qsched_search.cli.precisions import precisions
 from qsched_search.cli.probe import probe
@@ -45,6 +46,7 @@ app.command()(report)
 app.command()(generate)
 app.command()(profile)
 app.command()(calibrate)
+app.command()(export)
 app.add_typer(weights_app, name="weights", help="Fetch and check the metric weight files (LPIPS, Inception) offline.")
 
 

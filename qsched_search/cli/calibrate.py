@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from qsched_search.cli._common import (BackendChoice, BackendOpt, BatchOpt, CompileOpt, CudaGraphsOpt, DeviceOpt, DtypeOpt,
                                        FamilyOpt, MenuOpt, ModelOpt, PromptsOpt, ReferenceOpt, VerboseOpt, WeightsOpt,
-                                       console, user_errors)
+                                       console, lora_lines, parse_loras, user_errors)
 from qsched_search.errors import QschedError
 
 
@@ -67,6 +67,7 @@ def calibrate(
     backend: BackendOpt = BackendChoice.auto,
     compile: CompileOpt = None,
     cuda_graphs: CudaGraphsOpt = False,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="A LoRA to fuse before quantizing (PATH_OR_ID[:SCALE], repeatable); with --schedule, the LoRAs it records if omitted.", show_default=False)] = None,
     out: Annotated[str, typer.Option("--out", "-o", help="Results folder.")] = "results/calibrate",
     verbose: VerboseOpt = False,
 ):
@@ -106,6 +107,9 @@ def calibrate(
     calib = CalibrationSettings(loss=loss.value, param=param.value, trials=trials, sampler=sampler.value,
                                 low=low, high=high, grid_points=grid_points, k=None if k < 0 else k,
                                 samples=calib_samples, seed=seed, clip_model=clip_model or None)
+    from qsched_search.pipeline.lora import LoraSpec, lora_mismatch
+
+    recorded = tuple(LoraSpec(a["id"], a["scale"]) for a in ((loaded.loras if loaded else None) or {}).get("adapters", []))
     pool_given = read_prompts(prompts)
     settings = RunSettings(model=model or (loaded.model_id if loaded else "embedded"), steps=steps,
                            precisions=tuple(sorted(set(levels) - {reference})), reference=reference, samples=64,
@@ -113,12 +117,19 @@ def calibrate(
                            seed=seed, device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
                            weights_dir=weights_dir or None, family=family or None, backend=backend.value,
                            compile=compile.value if compile else (loaded.execution.get("compile") if loaded else None),
-                           cuda_graphs=cuda_graphs)
+                           cuda_graphs=cuda_graphs, loras=parse_loras(lora) if lora else recorded)
     layers = None
     if loaded is not None:
         layers = {lv: loaded.quantized_layers(lv) for lv in set(levels) if loaded.quantized_layers(lv) is not None} or None
     session = open_session(settings, metrics=False, menu=loaded.menu() if loaded else None, layers=layers)
     try:
+        for line in lora_lines(session.model.loras):
+            console.print(line, highlight=False)
+        if loaded is not None:
+            fused = session.model.loras.fused if session.model.loras is not None else None
+            mismatch = lora_mismatch(loaded.loras, session.model.denoiser, fused, session.model.family.denoiser)
+            if mismatch:
+                console.print(f"[yellow]warning:[/] {mismatch}", highlight=False)
         pool = list(pool_given or session.model.family.default_prompts)
         if not pool:
             raise QschedError(f"model family {session.model.family.family!r} has no default prompts; pass the "
@@ -144,7 +155,8 @@ def calibrate(
         save_schedule(sched, results.schedule)
         update_manifest(results.manifest, "calibrate", {
             **session.describe(), "levels_calibrated": list(levels), "device": device_name(device),
-            "calibration": result.coefficients.calibration, "seconds": round(time.time() - started, 1)})
+            "calibration": result.coefficients.calibration, "lora_effects": session.lora_record(),
+            "seconds": round(time.time() - started, 1)})
     finally:
         session.close()
     console.print(f"{result.coefficients.describe()}: {objective.name} {result.best['value']:.4f} vs "

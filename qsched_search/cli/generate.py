@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import pandas as pd
 import typer
 
 from qsched_search.cli._common import (BackendChoice, BackendOpt, BatchOpt, CudaGraphsOpt, DeviceOpt, DtypeOpt, FamilyOpt,
-                                       PromptsOpt, VerboseOpt, WeightsOpt, console, user_errors)
+                                       PromptsOpt, VerboseOpt, WeightsOpt, console, lora_lines, parse_loras, user_errors)
 from qsched_search.pipeline.apply import schedule_groups
+from qsched_search.pipeline.lora import LoraSpec, lora_mismatch
 from qsched_search.pipeline.coefficients import apply_coefficients
 from qsched_search.results.images import save_png
 from qsched_search.results.io import write_csv
@@ -36,6 +37,7 @@ def generate(
                                                   "section (run the stock scheduler).")] = False,
     backend: BackendOpt = BackendChoice.auto,
     cuda_graphs: CudaGraphsOpt = False,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="A LoRA to fuse before quantizing (PATH_OR_ID[:SCALE], repeatable); the LoRAs the schedule records if omitted.", show_default=False)] = None,
     verbose: VerboseOpt = False,
 ):
     """Run the pipeline with the schedule's level at each step and write OUT/NN.png and OUT/index.csv.
@@ -43,24 +45,33 @@ def generate(
     A schedule with a `coefficients` section (from `qsched calibrate` or `qsched search --with-coefficients`) also
     rescales the denoiser output and the sample before each scheduler step, unless --no-coefficients is given.
     With the schedule's seed and prompts, on the backend and device it was measured on, the images equal the
-    search's images/schedule/ files bit for bit (each level quantizes the layers the schedule records).
+    search's images/schedule/ files bit for bit (each level quantizes the layers the schedule records). The LoRAs
+    the schedule was measured with are fused first unless --lora names others (a one-line warning says so).
     """
     loaded = load_schedule(schedule)
     coefficients = None if no_coefficients else loaded.coefficients
+    recorded = tuple(LoraSpec(a["id"], a["scale"]) for a in (loaded.loras or {}).get("adapters", []))
     menu = loaded.menu()
     settings = RunSettings(model=model or loaded.model_id, steps=loaded.steps, precisions=tuple(sorted(set(loaded.all_levels))),
                            reference=loaded.reference, samples=samples,
                            seed=seed if seed >= 0 else int(loaded.provenance.get("seed", 0)),
                            prompts=read_prompts(prompts), device=device, dtype=dtype, batch_size=batch_size,
                            weights_dir=weights_dir or None, family=family or None, backend=backend.value,
-                           compile=loaded.execution.get("compile"), cuda_graphs=cuda_graphs)
+                           compile=loaded.execution.get("compile"), cuda_graphs=cuda_graphs,
+                           loras=parse_loras(lora) if lora else recorded)
     if loaded.backend is not None and loaded.backend != settings.backend:
         console.print(f"[yellow]warning:[/] the schedule was measured on backend {loaded.backend}; this run uses "
                       f"{settings.backend}, so its images differ from the search's", highlight=False)
     layers = {lv: loaded.quantized_layers(lv) for lv in set(loaded.all_levels) if loaded.quantized_layers(lv) is not None}
     session = open_session(settings, metrics=False, menu=menu, layers=layers or None)
     try:
-        if session.model.weights_sha256() != loaded.weights_sha256:
+        for line in lora_lines(session.model.loras):
+            console.print(line, highlight=False)
+        fused = session.model.loras.fused if session.model.loras is not None else None
+        mismatch = lora_mismatch(loaded.loras, session.model.denoiser, fused, session.model.family.denoiser)
+        if mismatch:
+            console.print(f"[yellow]warning:[/] {mismatch}", highlight=False)
+        elif session.model.weights_sha256() != loaded.weights_sha256:
             console.print(f"[yellow]warning:[/] {settings.model!r} has other weights than the schedule was searched on")
         session.runner.groups = schedule_groups(loaded, session.bank, session.model.family)
         applied = apply_coefficients(session.model.pipe, coefficients)

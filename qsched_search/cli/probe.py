@@ -10,9 +10,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from qsched_search.cli._common import (BackendChoice, BackendOpt, BatchOpt, CompileOpt, CudaGraphsOpt, DeviceOpt, DtypeOpt, FamilyOpt,
-                                       GroupingOpt, LayersOpt, MenuOpt, MetricsOpt, ModelOpt, PrecisionsOpt, PrefixCacheOpt,
-                                       PromptsOpt, ReferenceOpt, SamplesOpt, SeedOpt, StepsOpt, VerboseOpt, WeightsOpt,
-                                       console, reuse_line, split_list, user_errors)
+                                       GroupingOpt, LayersOpt, LoraOpt, MenuOpt, MetricsOpt, ModelOpt, PrecisionsOpt,
+                                       PrefixCacheOpt, PromptsOpt, ReferenceOpt, SamplesOpt, SeedOpt, StepsOpt, VerboseOpt,
+                                       WeightsOpt, console, lora_lines, parse_loras, reuse_line, split_list, user_errors)
 from qsched_search.errors import QschedError
 from qsched_search.quant.groups import bank_groups
 from qsched_search.results.io import check_writable
@@ -41,6 +41,7 @@ def probe(
     compile: CompileOpt = None,
     cuda_graphs: CudaGraphsOpt = False,
     prefix_cache_mb: PrefixCacheOpt = None,
+    lora: LoraOpt = None,
     out: Annotated[str, typer.Option("--out", "-o", help="Results folder.")] = "results/probe",
     layers: LayersOpt = False,
     grouping: GroupingOpt = "",
@@ -55,7 +56,8 @@ def probe(
     Writes OUT/probe.csv (step, timestep, precision, metric, value, 95% CI, n, delta from the noise floor),
     OUT/probe_heatmap.png and OUT/manifest.json. Finished cells are kept in OUT/probe_cells.jsonl: a killed
     probe restarts where it stopped. On a CUDA device the levels run on torchao's real kernels (--backend auto);
-    on a CPU they are simulated, rounding as those kernels do.
+    on a CPU they are simulated, rounding as those kernels do. With --lora, each LoRA is fused into the model first
+    and must change its reference images; the probe then measures the fine-tuned model.
 
     With --layers, also every layer group alone at each level in each step (everything else at the reference):
     OUT/probe_layers.csv and one OUT/probe_layers_heatmap_LEVEL.png per level, kept in OUT/probe_layer_cells.jsonl
@@ -73,7 +75,7 @@ def probe(
                            samples=samples, seed=seed, prompts=read_prompts(prompts), metrics=split_list(metrics),
                            device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
                            weights_dir=weights_dir or None, family=family or None, backend=backend.value,
-                           compile=compile.value if compile else None, cuda_graphs=cuda_graphs)
+                           compile=compile.value if compile else None, cuda_graphs=cuda_graphs, loras=parse_loras(lora))
     results = ResultsDir(out)
     check_writable(results.root, "--out")
     layer_levels = split_list(layer_precisions) or settings.precisions
@@ -86,6 +88,8 @@ def probe(
                           f"most {samples}, or 0 for all")
     session = open_session(settings, prefix_cache_mb=prefix_cache_mb)
     try:
+        for line in lora_lines(session.model.loras):
+            console.print(line, highlight=False)
         described = session.describe()
         groups = bank_groups(session.bank, session.model.family, grouping or None) if layers else None  # fail early
         cells = probe_cells(settings.precisions, reference, steps)
@@ -98,7 +102,8 @@ def probe(
         files = write_probe(result, results, primary, {
             **described, "model": session.model.model_id, "prompts": sorted(set(session.eval_set.prompts)),
             "device": device_name(device), "timesteps": session.evaluator.timesteps,
-            "bank_memory": session.bank.memory(), "level_costs": session.bank.level_costs()},
+            "bank_memory": session.bank.memory(), "level_costs": session.bank.level_costs(),
+            "lora_effects": session.lora_record()},
             title=f"{session.model.model_id}: change in {primary.name if primary else ''} when one step runs at a lower precision")
         frame = result.table
         if layers:

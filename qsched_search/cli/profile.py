@@ -8,8 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qsched_search.cli._common import (BackendChoice, BackendOpt, CompileOpt, CudaGraphsOpt, DeviceOpt, MenuOpt, ModelOpt,
-                                       PrecisionsOpt, ReferenceOpt, VerboseOpt, console, split_list, user_errors)
+from qsched_search.cli._common import (BackendChoice, BackendOpt, CompileOpt, CudaGraphsOpt, DeviceOpt, LoraOpt, MenuOpt,
+                                       ModelOpt, PrecisionsOpt, ReferenceOpt, VerboseOpt, console, parse_loras, split_list,
+                                       user_errors)
 
 
 @user_errors
@@ -29,6 +30,7 @@ def profile(
     repeats: Annotated[int, typer.Option("--repeats", help="Timed calls per level; the CSV has their median and spread.")] = 20,
     family: Annotated[str, typer.Option("--family", help="Model family (a file in configs/families); detected if omitted.")] = "",
     menu: MenuOpt = "",
+    lora: LoraOpt = None,
     out: Annotated[str, typer.Option("--out", "-o", help="The profile CSV to write.")] = "results/profile/latency.csv",
     verbose: VerboseOpt = False,
 ):
@@ -42,7 +44,7 @@ def profile(
     settings = ProfileSettings(model=model, precisions=split_list(precisions), reference=reference, batch=batch,
                                resolution=resolution, device=device, dtype=dtype, backend=backend.value,
                                compile=compile.value if compile else None, compile_mode=compile_mode or None, cuda_graphs=cuda_graphs, warmup=warmup,
-                               repeats=repeats, family=family or None, menu=menu or None)
+                               repeats=repeats, family=family or None, menu=menu or None, loras=parse_loras(lora))
     rows = profile_model(settings, on_status=lambda msg: console.print(msg, highlight=False))
     path = write_csv(rows, out, PROFILE_COLUMNS)
     table = Table(title=f"step latency on {rows[0]['device']} (batch {batch}, {rows[0]['resolution']} px, {rows[0]['backend']})")

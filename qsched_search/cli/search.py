@@ -12,10 +12,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qsched_search.cli._common import (PrefixCacheOpt, BackendChoice, BackendOpt, BatchOpt, CompileOpt, CudaGraphsOpt, DeviceOpt,
-                                       DtypeOpt, FamilyOpt, MenuOpt, ModelOpt, PrecisionsOpt, PromptsOpt, ReferenceOpt,
-                                       SamplesOpt, SeedOpt, StepsOpt, VerboseOpt, WeightsOpt, console, reuse_line,
-                                       split_list, user_errors)
+from qsched_search.cli._common import (BackendChoice, BackendOpt, BatchOpt, CompileOpt, CudaGraphsOpt, DeviceOpt,
+                                       DtypeOpt, FamilyOpt, LoraOpt, MenuOpt, ModelOpt, PrecisionsOpt, PrefixCacheOpt,
+                                       PromptsOpt, ReferenceOpt, SamplesOpt, SeedOpt, StepsOpt, VerboseOpt, WeightsOpt,
+                                       console, lora_lines, parse_loras, reuse_line, split_list, user_errors)
 from qsched_search.errors import QschedError
 from qsched_search.results.compare import budget_sentence
 from qsched_search.results.io import check_writable
@@ -73,6 +73,7 @@ def search(
     compile: CompileOpt = None,
     cuda_graphs: CudaGraphsOpt = False,
     prefix_cache_mb: PrefixCacheOpt = None,
+    lora: LoraOpt = None,
     out: Annotated[str, typer.Option("--out", "-o", help="Results folder (the probe's, to reuse its table).")] = "results/probe",
     workers: Annotated[int, typer.Option("--workers", "-w", help="Local worker processes sharing the study (each measures --trials new schedules); this one then writes the results.")] = 1,
     heartbeat: Annotated[int, typer.Option("--heartbeat", help="Seconds between a running trial's heartbeats in the study database; a trial silent for 10 of them is a dead worker's and runs again.")] = 60,
@@ -97,7 +98,8 @@ def search(
     same command again resumes it. With --with-coefficients, each of the best Pareto schedules also gets Q-Sched
     coefficients (`qsched calibrate`'s two levers) and is measured with and without them; schedule.json carries
     the chosen schedule's coefficients when they measured better. Every comparison of two schedules is paired
-    (the same prompts and seeds): a difference with its 95% bootstrap interval.
+    (the same prompts and seeds): a difference with its 95% bootstrap interval. With --lora, the LoRAs are fused
+    into the model first (each must change its reference images) and schedule.json records them.
 
     Example: qsched search --steps 4 --budget 0.67 --out results/demo   (after `qsched probe --out results/demo`)
     """
@@ -122,7 +124,7 @@ def search(
                            samples=samples, seed=seed, prompts=read_prompts(prompts), metrics=split_list(metrics),
                            device=device, dtype=dtype, batch_size=batch_size, menu=menu or None,
                            weights_dir=weights_dir or None, family=family or None, backend=backend.value,
-                           compile=compile.value if compile else None, cuda_graphs=cuda_graphs)
+                           compile=compile.value if compile else None, cuda_graphs=cuda_graphs, loras=parse_loras(lora))
     check_cost_source(search_settings, settings.backend)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported in trials.csv and below
     results = ResultsDir(out)
@@ -141,6 +143,8 @@ def search(
         search_settings = replace(search_settings, storage=url, trials=0)
     session = open_search_session(settings, search_settings.objective, prefix_cache_mb=prefix_cache_mb)
     try:
+        for line in lora_lines(session.model.loras):
+            console.print(line, highlight=False)
         columns = [TextColumn("[bold]search[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("loading", total=None)

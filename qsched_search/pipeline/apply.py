@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qsched_search.pipeline.coefficients import AppliedCoefficients, apply_coefficients
 from qsched_search.pipeline.families import Family, detect_family, load_family
+from qsched_search.pipeline.lora import FusedLoras, fuse_loaded_loras, lora_mismatch
 from qsched_search.pipeline.switching import ScheduleHook, install_schedule, remove_schedule
 from qsched_search.quant.backends import build_bank, resolve_backend
 from qsched_search.quant.bank import Bank
@@ -36,13 +37,16 @@ class AppliedSchedule:
     coefficients: AppliedCoefficients | None = None
     steps: tuple[StepAssignment, ...] = ()  # each step's level with its per-layer overrides
     groups: LayerGroups | None = None
+    loras: FusedLoras | None = None  # the pipeline's own LoRA adapters, fused so that the bank sees their weights
 
     def remove(self) -> None:
-        """Restores the pipeline's denoiser and scheduler."""
+        """Restores the pipeline's denoiser and scheduler (and unfuses LoRA adapters it fused)."""
         remove_schedule(self.bank.denoiser)
         self.bank.remove()
         if self.coefficients is not None:
             self.coefficients.remove()
+        if self.loras is not None:
+            self.loras.remove()
 
 
 def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family: Family | str | None = None,
@@ -58,6 +62,11 @@ def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family
     them (`layer_groups`), else the family's (`grouping`); on the real-kernel bank each step with overrides runs a
     compiled copy of its own, built here (`handle.bank.memory()["assignment_copies"]`). Its `coefficients` section,
     if any, is installed on `pipe.scheduler`.
+
+    LoRAs the pipeline holds (loaded with `pipe.load_lora_weights`, active adapters at their `set_adapters` weights)
+    are fused into its weights before the bank is built, the order that works with quantized layers; `.remove()`
+    unfuses them. When they are not the LoRAs the schedule was measured with (or the schedule had some and the
+    pipeline has none), one warning line says so: a LoRA changes which steps tolerate low precision.
 
     Args:
         pipe: a diffusers pipeline of a family in configs/families.
@@ -95,21 +104,28 @@ def apply_schedule(pipe, schedule, menu: Menu | str | Path | None = None, family
     steps = schedule.step_assignments
     needed = list(schedule.all_levels)
     layers = {lv: schedule.quantized_layers(lv) for lv in needed if schedule.quantized_layers(lv) is not None}
-    bank = build_bank(chosen, denoiser, menu, needed, schedule.reference, list(family.exclude),
-                      compile=compile or schedule.execution.get("compile"), cuda_graphs=cuda_graphs,
-                      layers=layers or None)
-    groups = None
+    loras = fuse_loaded_loras(pipe, family.denoiser)  # before the bank: it quantizes the fused weights
+    bank = groups = None
     try:
+        mismatch = lora_mismatch(schedule.loras, denoiser, loras, family.denoiser)
+        if mismatch:
+            logger.warning(mismatch)
+        bank = build_bank(chosen, denoiser, menu, needed, schedule.reference, list(family.exclude),
+                          compile=compile or schedule.execution.get("compile"), cuda_graphs=cuda_graphs,
+                          layers=layers or None)
         groups = schedule_groups(schedule, bank, family, grouping)
         hook = install_schedule(bank, pipe, steps, family.timestep_scale, groups=groups)
         bank.prepare(hook.assignments)
         applied = apply_coefficients(pipe, schedule.coefficients) if coefficients else None
     except BaseException:
         remove_schedule(denoiser)
-        bank.remove()
+        if bank is not None:
+            bank.remove()
+        if loras is not None:
+            loras.remove()
         raise
     return AppliedSchedule(bank=bank, levels=levels, timesteps=tuple(schedule.timesteps), hook=hook,
-                           coefficients=applied, steps=steps, groups=groups)
+                           coefficients=applied, steps=steps, groups=groups, loras=loras)
 
 
 def schedule_groups(schedule, bank: Bank, family: Family, grouping: str | None = None) -> LayerGroups | None:

@@ -29,6 +29,7 @@ class LoadedModel:
     family: Family
     model_id: str
     device: str
+    loras: object = None  # the `LoraSet` fused into the pipeline (`qsched_search.pipeline.lora.apply_loras`), if any
 
     @property
     def denoiser(self):

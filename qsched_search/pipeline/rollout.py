@@ -17,7 +17,7 @@ from qsched_search.pipeline.prefix_cache import PrefixCache
 from qsched_search.pipeline.switching import install_schedule, remove_schedule
 from qsched_search.quant.bank import Bank
 
-__all__ = ["EvalSet", "RolloutResult", "Runner", "capture_denoiser_call", "make_eval_set"]
+__all__ = ["EvalSet", "RolloutResult", "Runner", "capture_denoiser_call", "make_eval_set", "run_pipeline"]
 
 
 @dataclass(frozen=True)
@@ -126,17 +126,30 @@ class Runner:
         return RolloutResult(images=images, timesteps=timesteps, problems=image_problems(images))
 
     def _run_batch(self, start: int) -> torch.Tensor:
-        pipe = self.model.pipe
-        prompts = self.eval_set.prompts[start : start + self.batch_size]
-        seeds = self.eval_set.seeds[start : start + self.batch_size]
-        # One generator per sample: a sample's noise does not depend on the batch it runs in.
-        generators = [torch.Generator(device=self.model.device).manual_seed(s) for s in seeds]
-        with torch.no_grad():
-            # A plain call with the prompts (no cached embeddings), so that the same call on a stock pipeline with
-            # `apply_schedule` makes the same images.
-            output = pipe(prompt=list(prompts), num_inference_steps=self.steps, generator=generators,
-                          output_type="pt", **self.call_kwargs)
-        return output.images.float().cpu()
+        return _call_pipeline(self.model, self.steps, self.eval_set.prompts[start : start + self.batch_size],
+                              self.eval_set.seeds[start : start + self.batch_size], self.call_kwargs)
+
+
+def _call_pipeline(model: LoadedModel, steps: int, prompts, seeds, call_kwargs: dict) -> torch.Tensor:
+    # One generator per sample: a sample's noise does not depend on the batch it runs in.
+    generators = [torch.Generator(device=model.device).manual_seed(s) for s in seeds]
+    with torch.no_grad():
+        # A plain call with the prompts (no cached embeddings), so that the same call on a stock pipeline with
+        # `apply_schedule` makes the same images.
+        output = model.pipe(prompt=list(prompts), num_inference_steps=steps, generator=generators, output_type="pt",
+                            **call_kwargs)
+    return output.images.float().cpu()
+
+
+def run_pipeline(model: LoadedModel, steps: int, eval_set: EvalSet, batch_size: int = 64,
+                 call_kwargs: dict | None = None) -> torch.Tensor:
+    """The pipeline's own images of `eval_set` (no bank, no schedule), made as `Runner` makes them: (N, C, H, W) in
+    [0, 1] on the CPU."""
+    kwargs = {**model.family.call_defaults, **(call_kwargs or {})}
+    batch_size = max(1, batch_size)
+    return torch.cat([_call_pipeline(model, steps, eval_set.prompts[i : i + batch_size],
+                                     eval_set.seeds[i : i + batch_size], kwargs)
+                      for i in range(0, len(eval_set), batch_size)])
 
 
 def capture_denoiser_call(pipe, denoiser, call_kwargs: dict) -> tuple[tuple, dict]:

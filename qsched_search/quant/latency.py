@@ -178,6 +178,8 @@ class ProfileSettings:
         warmup (`int`), repeats (`int`): untimed and timed calls per level.
         family (`str`, *optional*): the model family; detected if None.
         menu (`str`, *optional*): the precision menu YAML.
+        loras (`tuple`, *optional*): LoRAs (`LoraSpec` or `PATH_OR_ID[:SCALE]`) fused before the bank is built, as
+            in a search; checked to match and change the weights (no images are made here).
     """
 
     model: str
@@ -195,10 +197,13 @@ class ProfileSettings:
     repeats: int = 20
     family: str | None = None
     menu: str | None = None
+    loras: tuple = ()
 
     def __post_init__(self):
+        from qsched_search.pipeline.lora import LoraSpec
         from qsched_search.quant.backends import resolve_backend
 
+        object.__setattr__(self, "loras", tuple(LoraSpec.coerce(x) for x in self.loras))
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise QschedError(f"--device {self.device} but no CUDA device is visible here; run on a GPU machine or pass --device cpu")
         object.__setattr__(self, "backend", resolve_backend(self.backend, self.device))
@@ -216,6 +221,7 @@ class ProfileSettings:
 def profile_model(settings: ProfileSettings, on_status: Callable[[str], None] = lambda msg: None) -> list[dict]:
     """Loads the model, installs a bank of the levels and returns one profile row per level (reference first)."""
     from qsched_search.pipeline.loading import load_model
+    from qsched_search.pipeline.lora import apply_loras
     from qsched_search.pipeline.rollout import capture_denoiser_call
     from qsched_search.quant.backends import build_bank, check_levels
     from qsched_search.quant.levels import load_menu
@@ -226,6 +232,9 @@ def profile_model(settings: ProfileSettings, on_status: Callable[[str], None] = 
     check_levels(settings.backend, menu, levels, settings.dtype)  # before the model loads: fails in a second
     on_status(f"loading {settings.model} on {settings.device} ({settings.dtype})")
     model = load_model(settings.model, device=settings.device, dtype=settings.dtype, family=settings.family)
+    model.loras = apply_loras(model, settings.loras)  # fused before the bank, as a search does
+    if model.loras is not None:
+        on_status(f"fused LoRA {model.loras.describe()} into {len(model.loras.modules)} modules")
     call = {**model.family.call_defaults, "prompt": [model.family.default_prompts[0] if model.family.default_prompts else "a photo"] * settings.batch,
             "num_inference_steps": 1, "output_type": "latent"}
     if settings.resolution is not None:
@@ -244,7 +253,8 @@ def profile_model(settings: ProfileSettings, on_status: Callable[[str], None] = 
         rows = profile_bank(bank, args, kwargs, settings.device, levels, warmup=settings.warmup,
                             repeats=settings.repeats, shape_key=shape_key,
                             extra={"batch": settings.batch, "resolution": resolution, "model": settings.model,
-                                   "family": model.family.family, "dtype": settings.dtype})
+                                   "family": model.family.family, "dtype": settings.dtype,
+                                   "loras": model.loras.describe() if model.loras is not None else ""})
     finally:
         bank.remove()
     ref = rows[0]["ms_per_step"]

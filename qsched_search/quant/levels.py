@@ -28,7 +28,8 @@ class Level:
     Args:
         name (`str`): the level's name in schedules, e.g. `"w4a8"`.
         format (`str`): `reference` (no rounding), `int`, `float8` or `cast` (a 16-bit float dtype).
-        weight_bits (`int`), act_bits (`int`): bit widths; an `int` level with `act_bits >= 16` is weight-only.
+        weight_bits (`int`), act_bits (`int`): bit widths; an `int` or `float8` level with `act_bits >= 16` is
+            weight-only.
         weight_granularity (`str`, *optional*, defaults to `"per_channel"`): one scale per output channel, one per
             tensor, or `per_group` (one scale and zero point per `group_size` input features of a channel, as
             torchao's int4 kernel stores them).
@@ -78,7 +79,8 @@ class Level:
 
     @property
     def quantizes_activations(self) -> bool:
-        return not self.is_reference and not (self.format == "int" and self.act_bits >= 16)
+        # 16-bit activations with int or float8 weights: weight-only (float8 W8A16 is the a16 mode of an FP8 checkpoint).
+        return not self.is_reference and not (self.format in ("int", "float8") and self.act_bits >= 16)
 
     @property
     def relative_bops(self) -> float:

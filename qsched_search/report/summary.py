@@ -61,6 +61,7 @@ def render_json(report: Report) -> dict:
         "cost": (s or {}).get("cost"),
         "quality": (s or {}).get("quality"),
         "execution": None if s is None else {k: v for k, v in (s.get("execution") or {}).items() if k != "levels"} or None,
+        "loras": None if s is None else s.get("loras"),
         "reference_run": report.reference_run,
         "best_uniform": comparison,
         "cheapest_uniform": None if report.cheapest_uniform is None else report.cheapest_uniform.__dict__,

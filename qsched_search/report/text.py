@@ -88,6 +88,9 @@ def _headline_facts(report: Report) -> list[tuple[str, str, str]]:
     coefficients = _coefficients_fact(s)
     if coefficients is not None:
         facts.append(coefficients)
+    loras = _loras_fact(s)
+    if loras is not None:
+        facts.append(loras)
     b = report.baseline.schedule if report.baseline is not None else None
     if b is not None:
         bq = b["quality"]
@@ -140,6 +143,22 @@ def _coefficients_fact(schedule: dict) -> tuple[str, str, str] | None:
                   f"{'kept: they measured better' if measured.get('applied') else 'not kept: they did not measure better'} "
                   f"({measured.get('loss')} loss; every candidate in {measured.get('file')})")
     return ("Coefficients", value, detail)
+
+
+def _loras_fact(schedule: dict) -> tuple[str, str, str] | None:
+    """The LoRAs fused into the model when the schedule was measured, and how far they moved its reference images."""
+    section = schedule.get("loras")
+    if not section:
+        return None
+    adapters = section.get("adapters") or []
+    value = ", ".join(f"{a.get('id')} (scale {_fmt(a.get('scale'), 3)})" for a in adapters)
+    details = [f"{a.get('id')}: sha256 {str(a.get('sha256'))[:12]}" for a in adapters]
+    effect = section.get("effect")
+    if effect:
+        details.append(f"reference images vs the base model's: mean |pixel difference| {_fmt(effect.get('mean_abs_diff'))} "
+                       f"(noise floor {_fmt(effect.get('noise_floor_mean_abs_diff'))}, {effect.get('samples')} samples)")
+    details.append("apply_schedule warns on a pipeline with other LoRAs or none")
+    return ("LoRAs", value, "; ".join(details))
 
 
 def _image_grid(report: Report) -> tuple[list[str], list[dict]]:

@@ -124,7 +124,7 @@ class Schedule:
         quality (`Quality`): the measured quality.
         provenance (`Mapping`): tool_version, seed, prompts_sha256, command, created (more keys allowed).
         extras (`Mapping`, *optional*): optional JSON fields (`menu`, `exclude`, `search`, `coefficients`,
-            `layer_groups`), kept as they are; a `coefficients` section must cover exactly `steps` steps.
+            `layer_groups`, `loras`), kept as they are; a `coefficients` section must cover exactly `steps` steps.
         overrides (`tuple[tuple[Override, ...], ...]`, *optional*): per step, the per-layer overrides of its level
             (a later one wins where two name the same layer); empty: none at any step. A group an override names
             must be in the `layer_groups` section when the file has one.
@@ -235,6 +235,12 @@ class Schedule:
         """How the quality was measured and how the schedule runs (schema 2): backend, target, device, and per level
         its kernel, ms per step and quantized layers; `{}` for a version-1 file."""
         return self.extras.get("execution") or {}
+
+    @property
+    def loras(self) -> Mapping[str, Any] | None:
+        """The `loras` section: the LoRAs fused into the model when the quality was measured (each one's id, sha256,
+        scale), the denoiser modules they changed and their fused weights' sha256; None if measured without."""
+        return self.extras.get("loras") or None
 
     @property
     def backend(self) -> str | None:

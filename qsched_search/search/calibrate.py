@@ -385,7 +385,8 @@ def schedule_with_coefficients(result: CalibrationResult, session, schedule=None
                     "versions": versions(), "device": device_name(str(session.settings.device))},
         extras={"menu": session.menu.to_dict(), "exclude": described["exclude"], "coefficients": section,
                 "execution": {**described["execution"], "device": device_name(str(session.settings.device))},
-                "search": {"method": "none: every step at one level (qsched calibrate --precision)"}},
+                "search": {"method": "none: every step at one level (qsched calibrate --precision)"},
+                **({"loras": session.lora_record()} if session.lora_record() else {})},
     )
 
 

@@ -37,6 +37,9 @@ IMAGE_SAMPLES = 8
 # Settings that decide an evaluation's numbers; a probe made with the same ones measured the same schedules.
 EVAL_KEYS = ("model_id", "weights_sha256", "steps", "samples", "seed", "prompts_sha256", "reference", "dtype",
              "device", "batch_size", "call_kwargs", "exclude", "backend", "execution")
+# The LoRAs fused into the model (id, file sha256, scale): in a fingerprint only when there are some, so studies of a
+# model without LoRAs keep the names earlier versions gave them.
+LORA_KEY = "loras"
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,7 @@ def _probe_measurements(results: ResultsDir, probe_path: Path, described: Mappin
         stage = None
     if not stage or "fingerprint" not in stage:
         return {}, "no manifest.json with a probe stage beside the probe table"
-    for key in EVAL_KEYS:
+    for key in (*EVAL_KEYS, LORA_KEY):
         theirs, ours = stage.get(key), described.get(key)
         if key == "device":  # manifests write "cpu (x86_64, 2 threads)"; the setting is "cpu"
             theirs, ours = str(theirs).split(" (")[0], str(ours).split(" (")[0]
@@ -277,6 +280,8 @@ def run_search(session, settings: SearchSettings, results: ResultsDir,
     fingerprint = {**{k: described.get(k) for k in EVAL_KEYS}, "metric": metric.name,
                    "metric_preprocessing": getattr(metric, "preprocessing", ""),
                    "levels": {lv: described.get("levels", {}).get(lv) for lv in choices}}
+    if described.get(LORA_KEY):
+        fingerprint[LORA_KEY] = described[LORA_KEY]
     search = ScheduleSearch(
         evaluator.evaluate, choices=choices, reference=reference, steps=steps, metric=objective,
         higher_is_better=metric.higher_is_better, costs=costs, cost_model=settings.cost_model, budget=settings.budget,
@@ -332,6 +337,7 @@ def run_search(session, settings: SearchSettings, results: ResultsDir,
                        "evaluated_schedules": int(len(measured)), "space_size": int(search.space_size),
                        "samples": int(session.settings.samples), "prompts": sorted(set(session.eval_set.prompts))},
             **({"comparison": comparison} if comparison else {}),
+            **({"loras": session.lora_record()} if session.lora_record() else {}),
         },
     )
     result = SearchResult(
@@ -367,6 +373,7 @@ def run_search(session, settings: SearchSettings, results: ResultsDir,
         "probe": str(probe_path) if probe is not None else None, "probe_cells_reused": len(known),
         "schedule": list(result.schedule.levels), "quality": result.schedule.quality.to_dict(),
         "cost": result.schedule.cost, "comparison": comparison, "prefix_reuse": session.runner.cache.stats(),
+        "lora_effects": session.lora_record(),
         "seconds": round(time.time() - started, 1),
     }
     result.files = write_search(result, results, title=f"{session.model.model_id}, {steps} steps, budget "
