@@ -46,6 +46,9 @@ from pathlib import Path
 # (test/python/test_mhas_v2.py) run Hopper with CUDNN_RESCALE_THRESHOLD=0, where probabilities stay in [0, 1].
 os.environ.setdefault("CUDNN_RESCALE_THRESHOLD", "0")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qsched_search.results.io import write_text  # noqa: E402  (atomic, as every results file of the project)
+
 import torch
 import torch.nn.functional as F
 
@@ -57,12 +60,6 @@ COLUMNS = ["candidate", "tokens", "ms_per_call", "rel_err_vs_sdpa_bf16", "quant_
 
 
 # ================================================================================================ bookkeeping
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class Results:
@@ -88,8 +85,8 @@ class Results:
         writer.writeheader()
         for row in self.rows:
             writer.writerow({k: row.get(k, "") if k == "notes" else _fmt(row.get(k)) for k in COLUMNS})
-        _write_atomic(self.folder / "attention.csv", buf.getvalue())
-        _write_atomic(self.folder / "summary.json", json.dumps(self.summary, indent=2, default=str))
+        write_text(self.folder / "attention.csv", buf.getvalue())
+        write_text(self.folder / "summary.json", json.dumps(self.summary, indent=2, default=str))
 
 
 def _fmt(x) -> str:

@@ -48,6 +48,8 @@ from qsched_search.results.io import write_json  # noqa: E402
 from qsched_search.results.provenance import command_line, now  # noqa: E402
 from qsched_search.results.schedule import cost_of  # noqa: E402
 
+from bench_gpu import EXCLUDE, FLUX_TRANSFORMER, SDXL_UNET  # noqa: E402  (scripts/ is on the path)
+
 logger = logging.getLogger("bench_fidelity")
 
 KERNEL_LEVELS = ("fp8", "w8a8", "w8a16", "w4a16")
@@ -188,22 +190,7 @@ def picks_from_table(out: Out, args) -> None:
 
 # ================================================================================================ single calls
 
-# Copied from scripts/bench_gpu.py: stabilityai/sdxl-turbo unet/config.json and black-forest-labs/FLUX.1-schnell
-# transformer/config.json.
-SDXL_UNET = dict(
-    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
-    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], flip_sin_to_cos=True,
-    freq_shift=0, in_channels=4, layers_per_block=2, mid_block_type="UNetMidBlock2DCrossAttn", norm_eps=1e-5,
-    norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816, sample_size=128,
-    transformer_layers_per_block=[1, 2, 10], up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    use_linear_projection=True,
-)
-FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                        guidance_embeds=False, axes_dims_rope=(16, 56, 56))
-EXCLUDE = {"sdxl": ["conv_in", "conv_out", "time_embedding.*", "add_embedding.*"],
-           "flux": ["x_embedder", "context_embedder", "proj_out", "time_text_embed.*", "norm_out.*"]}
+# The full SDXL UNet and FLUX.1-schnell transformer configs and their excluded layers, as the GPU benchmark uses them.
 
 
 def _random_init_(module: torch.nn.Module, seed: int = 0) -> None:

@@ -45,8 +45,13 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qsched_search.results.io import write_text  # noqa: E402  (atomic, as every results file of the project)
+
 import torch
 from torch import nn
+
+from qsched_search.quant.latency import time_calls  # noqa: E402
 
 logger = logging.getLogger("profile_flux_step")
 
@@ -86,12 +91,6 @@ def classify(name: str) -> str:
 # ================================================================================================ bookkeeping
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _csv(rows: list[dict], columns: list[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
@@ -126,9 +125,9 @@ class Results:
         self.save()
 
     def save(self) -> None:
-        _write_atomic(self.folder / "breakdown.csv", _csv(self.rows, BREAKDOWN_COLUMNS))
-        _write_atomic(self.folder / "top_kernels.csv", _csv(self.top, TOP_COLUMNS))
-        _write_atomic(self.folder / "summary.json", json.dumps(self.summary, indent=2, default=str))
+        write_text(self.folder / "breakdown.csv", _csv(self.rows, BREAKDOWN_COLUMNS))
+        write_text(self.folder / "top_kernels.csv", _csv(self.top, TOP_COLUMNS))
+        write_text(self.folder / "summary.json", json.dumps(self.summary, indent=2, default=str))
 
 
 # ================================================================================================ model and inputs
@@ -251,24 +250,6 @@ class Runner:
     def plain(self) -> torch.Tensor:
         with torch.no_grad():
             return self.model(**self.inputs)[0]
-
-
-def time_steps(fn, device: str, repeats: int) -> float:
-    """Median ms of `repeats` calls, each between two CUDA events (perf_counter on CPU)."""
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def profile_kernels(fn, device: str, steps: int) -> tuple[dict[str, list[float]], int]:
@@ -434,7 +415,7 @@ def run_variant(name: str, base: nn.Module, inputs: dict, ref: torch.Tensor, row
         if not torch.isfinite(out.float()).all():
             row["notes"] += "non-finite outputs; "
         del first
-        row["ms_per_step"] = time_steps(runner, device, args.repeats)
+        row["ms_per_step"] = statistics.median(time_calls(runner, device, warmup=0, repeats=args.repeats))
         kernels, steps = profile_kernels(runner, device, args.profile_steps)
         row["profile_mode"] = "cuda_graph_replay" if use_graph else ("compiled" if compiled else "eager")
         stats, top = breakdown(kernels, steps, name, args.top)

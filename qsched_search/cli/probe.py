@@ -65,11 +65,10 @@ def probe(
 
     Example: qsched probe --steps 4 --precisions w8a8,w4a8,w4a4 --samples 64 --out results/demo
     """
+    from qsched_search.quant.backends import default_precisions
     from qsched_search.search.probe import probe_cells, run_probe, write_probe
 
     started = time.time()
-    from qsched_search.quant.backends import default_precisions
-
     levels = split_list(precisions) or default_precisions(backend.value, device, dtype, menu or None)
     settings = RunSettings(model=model, steps=steps, precisions=levels, reference=reference,
                            samples=samples, seed=seed, prompts=read_prompts(prompts), metrics=split_list(metrics),

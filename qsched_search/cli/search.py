@@ -105,6 +105,7 @@ def search(
     """
     import optuna
 
+    from qsched_search.quant.backends import default_precisions
     from qsched_search.search.joint import JointSettings
     from qsched_search.search.stage import SearchSettings, check_cost_source, open_search_session, run_search
     from qsched_search.search.workers import start_local_workers
@@ -117,8 +118,6 @@ def search(
                                      heartbeat=heartbeat)
     joint = (JointSettings(loss=coefficients_loss.value, trials=coefficients_trials, samples=coefficients_samples,
                            candidates=coefficients_candidates) if with_coefficients else None)
-    from qsched_search.quant.backends import default_precisions
-
     levels = split_list(precisions) or default_precisions(backend.value, device, dtype, menu or None)
     settings = RunSettings(model=model, steps=steps, precisions=levels, reference=reference,
                            samples=samples, seed=seed, prompts=read_prompts(prompts), metrics=split_list(metrics),

@@ -157,6 +157,16 @@ def run_probe(evaluator, levels: Sequence[str], results: ResultsDir, settings: M
     store = CellStore(results.probe_cells, key)
     reused = len(store.done)
     cells = probe_cells(levels, reference, steps)
+    _run_cells(evaluator, cells, store, on_cell)
+    measurements = {cell.key: store.done[cell.key] for cell in cells}
+    result = ProbeResult(cells, measurements, probe_table(cells, measurements), key, time.time() - started, reused)
+    result.fields["prefix_reuse"] = runner.cache.stats()
+    return result
+
+
+def _run_cells(evaluator, cells: Sequence[Cell], store: CellStore, on_cell: Callable[[Cell], None] | None) -> None:
+    """Measures each cell `store` has not finished and adds it there as it finishes."""
+    reference, steps = evaluator.runner.bank.reference, evaluator.runner.steps
     for cell in cells:
         if cell.key not in store.done:
             # The noise floor is a real re-run of the reference: never answered from the prefix cache.
@@ -164,10 +174,6 @@ def run_probe(evaluator, levels: Sequence[str], results: ResultsDir, settings: M
             store.add(cell, evaluation.measurement)
         if on_cell:
             on_cell(cell)
-    measurements = {cell.key: store.done[cell.key] for cell in cells}
-    result = ProbeResult(cells, measurements, probe_table(cells, measurements), key, time.time() - started, reused)
-    result.fields["prefix_reuse"] = runner.cache.stats()
-    return result
 
 
 def run_layer_probe(evaluator, levels: Sequence[str], groups, results: ResultsDir, settings: Mapping,
@@ -211,12 +217,7 @@ def run_layer_probe(evaluator, levels: Sequence[str], groups, results: ResultsDi
     reused = len(store.done)
     cells = layer_probe_cells(levels, reference, steps, groups.names)
     try:
-        for cell in cells:
-            if cell.key not in store.done:
-                evaluation = sub.evaluate(cell.levels(reference, steps), use_cache=cell.kind != "reference")
-                store.add(cell, evaluation.measurement)
-            if on_cell:
-                on_cell(cell)
+        _run_cells(sub, cells, store, on_cell)
     finally:
         sub.runner.groups = previous
     measurements = {cell.key: store.done[cell.key] for cell in cells}
