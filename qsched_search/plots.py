@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -211,6 +211,54 @@ def plot_schedule_strip(levels: list[str], timesteps: list[int], colours: Mappin
     names = legend or list(dict.fromkeys(levels))
     fig.legend(handles=[Patch(color=colours.get(lv, "#999999"), label=lv) for lv in names], loc="lower center",
                ncol=len(names), frameon=False, fontsize=9)
+    return _finish(fig, path)
+
+
+def plot_override_map(levels: Sequence[str], overrides: Sequence[Sequence[Mapping]], groups: Sequence[str],
+                      colours: Mapping[str, str], legend: list[str] | None = None,
+                      path: str | Path | None = None) -> bytes | None:
+    """Which layer groups run at which level in each step of a per-layer schedule: a group x step grid coloured by
+    level, the step's own level in the top row and each override marked with its level's name.
+
+    Args:
+        levels (`Sequence[str]`): each step's level.
+        overrides (`Sequence[Sequence[Mapping]]`): per step, schedule.json's overrides (`group` or `pattern`, `level`).
+        groups (`Sequence[str]`): the grouping's group names, in module order (its `layer_groups` section).
+        colours (`Mapping[str, str]`): level -> colour.
+    """
+    from matplotlib.colors import to_rgba
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    if not any(overrides):
+        return None
+    rows = list(groups) + [f"~{o['pattern']}" for step in overrides for o in step if o.get("pattern")]
+    rows = list(dict.fromkeys(rows))
+    steps = len(levels)
+    height = 0.9 + 0.22 * (len(rows) + 1)
+    fig = Figure(figsize=(max(4.0, 1.0 * steps + 3.2), height))
+    ax = fig.add_axes([0.42, 0.45 / height, 0.56, 1 - 0.75 / height])
+    for i, own in enumerate(levels):
+        at = {row: own for row in rows}
+        for o in overrides[i] if i < len(overrides) else ():
+            at[o.get("group") or f"~{o['pattern']}"] = o["level"]
+        cells = [("step level", own, False)] + [(row, at[row], at[row] != own) for row in rows]
+        for r, (_, lvl, overridden) in enumerate(cells):
+            colour = colours.get(lvl, "#999999")
+            ax.add_patch(Rectangle((i + 0.03, r + 0.05), 0.94, 0.9, color=colour, alpha=1.0 if overridden or r == 0 else 0.35))
+            if overridden or r == 0:
+                ax.text(i + 0.5, r + 0.5, lvl, ha="center", va="center", fontsize=7, color=_text_colour(to_rgba(colour)))
+    ax.set_xlim(0, steps)
+    ax.set_ylim(len(rows) + 1, 0)
+    ax.set_xticks([i + 0.5 for i in range(steps)], [f"step {i}" for i in range(steps)], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks([r + 0.5 for r in range(len(rows) + 1)], ["step level"] + [_group_label(r) for r in rows], fontsize=7)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    names = legend or list(dict.fromkeys([*levels, *(o["level"] for step in overrides for o in step)]))
+    fig.legend(handles=[Patch(color=colours.get(lv, "#999999"), label=lv) for lv in names], loc="lower left",
+               ncol=min(len(names), 4), frameon=False, fontsize=7)
     return _finish(fig, path)
 
 

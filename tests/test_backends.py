@@ -63,7 +63,8 @@ def test_omitted_precisions_are_levels_the_chosen_backend_runs():
     menu = load_menu()
     assert default_precisions("auto", "cpu", "float32", menu) == ("w8a8", "w4a8", "w4a4")
     assert default_precisions("auto", "cuda", "bfloat16", menu) == ("fp8", "w8a8", "w4a16")
-    assert default_precisions("torchao", "cuda:0", "float32", menu) == ("fp8", "w8a8")  # int4 needs bfloat16
+    # rowwise fp8 and int4 weight-only need bfloat16 weights
+    assert default_precisions("torchao", "cuda:0", "float32", menu) == ("w8a8",)
     for dtype in ("float32", "bfloat16"):
         check_levels("torchao", menu, default_precisions("auto", "cuda", dtype, menu), dtype)
     with pytest.raises(QschedError, match="needs --device cuda"):
@@ -73,7 +74,7 @@ def test_omitted_precisions_are_levels_the_chosen_backend_runs():
 def test_real_kernel_levels_of_the_default_menu():
     pytest.importorskip("torchao")
     assert real_kernel_levels(load_menu(), "bfloat16") == ["fp32", "bf16", "fp8", "w8a8", "w8a16", "w4a16"]
-    assert real_kernel_levels(load_menu(), "float32") == ["fp32", "fp8", "w8a8", "w8a16"]  # tinygemm needs bf16
+    assert real_kernel_levels(load_menu(), "float32") == ["fp32", "w8a8", "w8a16"]  # rowwise fp8, tinygemm: bf16
 
 
 def test_kernel_configs_follow_the_level_granularity():

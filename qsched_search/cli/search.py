@@ -13,10 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from qsched_search.cli._common import (BackendChoice, BackendOpt, BatchOpt, CompileOpt, CudaGraphsOpt, DeviceOpt,
-                                       DtypeOpt, FamilyOpt, LoraOpt, MenuOpt, ModelOpt, PrecisionsOpt, PrefixCacheOpt,
+                                       DtypeOpt, FamilyOpt, GroupingOpt, LoraOpt, MenuOpt, ModelOpt, PrecisionsOpt, PrefixCacheOpt,
                                        PromptsOpt, ReferenceOpt, SamplesOpt, SeedOpt, StepsOpt, VerboseOpt, WeightsOpt,
                                        console, lora_lines, parse_loras, reuse_line, split_list, user_errors)
 from qsched_search.errors import QschedError
+from qsched_search.results.assignment import brief_key
 from qsched_search.results.compare import budget_sentence
 from qsched_search.results.io import check_writable
 from qsched_search.results.layout import ResultsDir
@@ -87,6 +88,12 @@ def search(
                                                       "(seeds disjoint from the evaluation's).")] = 32,
     coefficients_candidates: Annotated[int, typer.Option("--coefficients-candidates", help="Pareto schedules within "
                                                          "the budget to calibrate, the best first.")] = 3,
+    layers: Annotated[bool, typer.Option("--layers", help="Then search per-step x per-layer schedules: layer groups "
+                                         "at their own level in each step, warm-started from OUT/probe_layers.csv "
+                                         "(`qsched probe --layers`); the chosen schedule may carry overrides.")] = False,
+    layer_trials: Annotated[int, typer.Option("--layer-trials", help="With --layers: evaluations of the per-layer "
+                                              "stage (kept ones included, so the same command resumes).")] = 24,
+    grouping: GroupingOpt = "",
     verbose: VerboseOpt = False,
 ):
     """Search the precision of each denoising step: best measured quality within the cost budget.
@@ -99,9 +106,13 @@ def search(
     coefficients (`qsched calibrate`'s two levers) and is measured with and without them; schedule.json carries
     the chosen schedule's coefficients when they measured better. Every comparison of two schedules is paired
     (the same prompts and seeds): a difference with its 95% bootstrap interval. With --lora, the LoRAs are fused
-    into the model first (each must change its reference images) and schedule.json records them.
+    into the model first (each must change its reference images) and schedule.json records them. With --layers,
+    a per-layer stage follows: every (step, layer group) gets a level, starting from the step x group probe's
+    additive prediction (OUT/probe_layers.csv) and climbing from the best measured schedule; schedule.json then
+    carries per-step overrides and a paired comparison with the best per-step schedule.
 
     Example: qsched search --steps 4 --budget 0.67 --out results/demo   (after `qsched probe --out results/demo`)
+    Per layer: qsched probe --layers --out R && qsched search --layers --budget 0.666 --out R
     """
     import optuna
 
@@ -115,7 +126,8 @@ def search(
     search_settings = SearchSettings(budget=budget, cost_model=cost.value, objective=objective or None, trials=trials,
                                      sampler=sampler.value, storage=storage or None, study=study or None,
                                      profile=profile or None, probe=probe_table or None, images=images,
-                                     heartbeat=heartbeat)
+                                     heartbeat=heartbeat, layers=layers, layer_trials=layer_trials,
+                                     grouping=grouping or None)
     joint = (JointSettings(loss=coefficients_loss.value, trials=coefficients_trials, samples=coefficients_samples,
                            candidates=coefficients_candidates) if with_coefficients else None)
     levels = split_list(precisions) or default_precisions(backend.value, device, dtype, menu or None)
@@ -125,6 +137,9 @@ def search(
                            weights_dir=weights_dir or None, family=family or None, backend=backend.value,
                            compile=compile.value if compile else None, cuda_graphs=cuda_graphs, loras=parse_loras(lora))
     check_cost_source(search_settings, settings.backend)
+    if layers and with_coefficients:
+        raise QschedError("--layers with --with-coefficients is not supported: calibrate the coefficients of the "
+                          "per-layer schedule with `qsched calibrate`, or search the two in separate runs")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported in trials.csv and below
     results = ResultsDir(out)
     check_writable(results.root, "--out")
@@ -151,7 +166,7 @@ def search(
             def on_trial(row: dict, search_) -> None:
                 value = "failed" if row["state"] == "FAIL" else f"{row['value']:.4g}"
                 progress.update(task, total=search_.trials, completed=search_.new_evaluations,
-                                description=f"{row['source']:<12} {row['schedule']} {value}")
+                                description=f"{row['source']:<12} {brief_key(row['schedule'])} {value}")
 
             result = run_search(session, search_settings, results, on_trial=on_trial,
                                 on_status=lambda msg: progress.console.print(msg, highlight=False), joint=joint)
@@ -161,6 +176,10 @@ def search(
     if result.coefficients_front is not None:
         _print_coefficients(result)
     console.print(reuse_line(result.manifest["prefix_reuse"]), highlight=False)
+    stage = result.manifest.get("layers")
+    if stage:
+        console.print(f"per-layer stage: {stage['trials']} evaluations ({stage['new_evaluations']} new) over "
+                      f"{stage['groups']} groups ({stage['grouping']}); stopped: {stage['stopped_because']}", highlight=False)
     console.print(f"stopped: {result.stopped_because}; {result.new_evaluations} new evaluations, "
                   f"{len(result.trials)} trials in study {result.study_name} ({result.storage})", highlight=False)
     console.print(f"wrote {', '.join(str(f) for f in result.files)} in {time.time() - started:.0f} s", highlight=False)
@@ -178,14 +197,20 @@ def _print_summary(result) -> None:
                         f"{result.schedule.cost_model} cost; budget {result.schedule.budget:g}")
     for col in ("", "schedule", "cost", q.metric, "n"):
         table.add_column(col, justify="right" if col in ("cost", "n") else "left")
-    rows = [("chosen", result.chosen), ("best uniform at <= cost", result.best_uniform),
+    rows = [("chosen", result.chosen), ("best per-step at <= cost", result.best_per_step),
+            ("best uniform at <= cost", result.best_uniform),
             ("cheapest uniform", result.cheapest_uniform), ("reference", result.reference_row)]
     for label, row in rows:
         if row is None:
             continue
-        table.add_row(label, str(row["schedule"]), f"{float(row['cost']):.4g}", _fmt_ci(row), str(row["n"]))
+        table.add_row(label, brief_key(row["schedule"]), f"{float(row['cost']):.4g}", _fmt_ci(row), str(row["n"]))
     console.print(table)
     console.print(budget_sentence(result.schedule.to_dict()), highlight=False)
+    c = result.schedule.extras.get("comparison_per_step")
+    if c:
+        console.print(f"per-layer overrides vs the best per-step schedule ({brief_key(c['baseline'])}): paired difference "
+                      f"{c['difference']:+.3g}, 95% CI [{c['ci_low']:+.3g}, {c['ci_high']:+.3g}] over {c['n']} samples: "
+                      f"{c['verdict']}", highlight=False)
 
 
 def _print_coefficients(result) -> None:

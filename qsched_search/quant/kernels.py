@@ -107,6 +107,9 @@ def _float8_dynamic(level: Level, model_dtype: str) -> KernelChoice | None:
             set_inductor_config=False)
 
     rowwise = "rowwise" if level.weight_granularity == "per_channel" else "tensorwise"
+    if rowwise == "rowwise" and model_dtype != "bfloat16":  # torchao's PerRow float8 asserts bfloat16 weights
+        raise QschedError(f"precision level {level.name!r}: torchao's rowwise float8 kernel needs a bfloat16 pipeline; "
+                          f"this one is {model_dtype}; load the model with --dtype bfloat16")
     return KernelChoice(level.name, f"torchao Float8DynamicActivationFloat8Weight {level.dtype} {rowwise}", "fp8", build,
                         quantizes_activations=True)
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from qsched_search.plots import plot_pareto, plot_probe_heatmap, plot_schedule_strip
+from qsched_search.plots import plot_override_map, plot_pareto, plot_probe_heatmap, plot_schedule_strip
 from qsched_search.report.model import Report, _float
 from qsched_search.results.metric_facts import METRICS
 
-__all__ = ["heatmap_png", "pareto_png", "schedule_png"]
+__all__ = ["heatmap_png", "overrides_png", "pareto_png", "schedule_png"]
 
 
 def schedule_png(report: Report) -> bytes | None:
@@ -14,6 +14,15 @@ def schedule_png(report: Report) -> bytes | None:
     if s is None:
         return None
     return plot_schedule_strip(list(s["levels"]), list(s.get("timesteps") or []), report.colours, legend=report.levels)
+
+
+def overrides_png(report: Report) -> bytes | None:
+    """The chosen schedule's per-layer overrides as a group x step picture; None for a per-step schedule."""
+    s = report.schedule
+    if s is None or not any(s.get("overrides") or ()):
+        return None
+    groups = list(((s.get("layer_groups") or {}).get("groups") or {}))
+    return plot_override_map(list(s["levels"]), s["overrides"], groups, report.colours, legend=report.levels)
 
 
 def heatmap_png(report: Report) -> bytes | None:

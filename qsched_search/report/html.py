@@ -10,13 +10,13 @@ from typing import Any
 import pandas as pd
 
 from qsched_search._version import __version__
-from qsched_search.report.figures import heatmap_png, pareto_png
+from qsched_search.report.figures import heatmap_png, overrides_png, pareto_png
 from qsched_search.report.model import Report, _text_colour
 from qsched_search.report.text import (_column_title, _failures, _front_rows, _headline_facts, _image_grid,
                                        _image_metrics, _provenance)
 from qsched_search.resources import REPORT_CSS
 from qsched_search.results.layout import ResultsDir
-from qsched_search.results.tables import split_schedule
+from qsched_search.results.assignment import brief_key, parse_schedule_key, step_levels
 
 __all__ = ["render_html"]
 
@@ -41,9 +41,9 @@ def _img_tag(data: bytes, alt: str, cls: str = "plot", scale: float = 1.0) -> st
 def _mini_schedule(report: Report, schedule: str) -> str:
     cells = "".join(
         f'<i title="step {i}: {_e(lvl)}" style="background:{report.colours.get(lvl, "#999")}"></i>'
-        for i, lvl in enumerate(split_schedule(schedule))
+        for i, lvl in enumerate(step_levels(parse_schedule_key(schedule)))
     )
-    return f'<span class="mini">{cells}</span> <span class="mono">{_e(schedule)}</span>'
+    return f'<span class="mini">{cells}</span> <span class="mono" title="{_e(schedule)}">{_e(brief_key(schedule))}</span>'
 
 
 def _small_image(path: Path) -> bool:
@@ -101,6 +101,12 @@ def render_html(report: Report) -> str:
             for lvl in report.levels
         )
         parts.append(f'<div class="legend">{legend}</div>')
+        overrides = overrides_png(report)
+        if overrides is not None:
+            count = sum(len(step) for step in s["overrides"])
+            parts.append(f'<p class="note">Per-layer overrides ({count}): each layer group\'s level in each step; the '
+                         "faint cells follow their step's level.</p>")
+            parts.append(f"<figure>{_img_tag(overrides, 'per-layer overrides by step', scale=_FIGURE_SCALE)}</figure>")
         stats = "".join(
             f'<div class="stat"><div class="k">{_e(k)}</div><div class="v">{_e(v)}</div><div class="d">{_e(d)}</div></div>'
             for k, v, d in _headline_facts(report)

@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 
 from qsched_search._version import __version__
-from qsched_search.report.figures import heatmap_png, pareto_png, schedule_png
+from qsched_search.report.figures import heatmap_png, overrides_png, pareto_png, schedule_png
 from qsched_search.report.model import Report
 from qsched_search.report.text import (_column_title, _failures, _front_rows, _headline_facts, _image_grid,
                                        _image_metrics, _provenance)
@@ -60,6 +60,9 @@ def render_markdown(report: Report, assets_dir: str) -> tuple[str, dict[str, byt
         strip = schedule_png(report)
         if strip is not None:
             out.append(f"![chosen schedule]({asset('schedule.png', strip)})\n")
+        overrides = overrides_png(report)
+        if overrides is not None:
+            out.append(f"![per-layer overrides by step]({asset('overrides.png', overrides)})\n")
         ts = s.get("timesteps") or []
         out.append("| step | " + " | ".join(str(i) for i in range(len(s["levels"]))) + " |")
         out.append("|---|" + "---|" * len(s["levels"]))

@@ -13,6 +13,7 @@ from qsched_search.errors import QschedError
 from qsched_search.report.gate import GateResult, GateSpec, baseline_warnings, check_gate
 from qsched_search.report.loading import Results, _as_bool, _float, _int_or_none  # noqa: F401 (text.py's too)
 from qsched_search.results.metric_facts import METRICS
+from qsched_search.results.assignment import parse_schedule_key
 from qsched_search.results.tables import best_uniform_at_most, completed, pareto_front, split_schedule, uniform_rows
 
 __all__ = ["Report", "UniformPoint", "build_report"]
@@ -93,12 +94,13 @@ def _levels_and_colours(results: Results, reference: str | None) -> tuple[list[s
     seen: set[str] = set()
     if results.schedule is not None:
         seen.update(results.schedule["levels"])
+        seen.update(o["level"] for step in results.schedule.get("overrides") or () for o in step)
     if results.probe is not None:
         seen.update(str(p) for p in results.probe["precision"].dropna())
     for frame in (results.trials, results.pareto):
         if frame is not None:
             for s in frame["schedule"].dropna():
-                seen.update(split_schedule(s))
+                seen.update(lv for step in parse_schedule_key(s) for lv in step.levels)
     if reference:
         seen.add(reference)
     ordered = sorted((x for x in seen if x != reference), key=_level_key)

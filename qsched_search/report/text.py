@@ -9,6 +9,7 @@ import pandas as pd
 
 from qsched_search._version import __version__
 from qsched_search.report.model import Report, _as_bool, _float
+from qsched_search.results.assignment import brief_key
 from qsched_search.results.compare import better
 from qsched_search.results.metric_facts import METRICS
 from qsched_search.results.tables import BUDGET_EPS, split_schedule
@@ -85,6 +86,9 @@ def _headline_facts(report: Report) -> list[tuple[str, str, str]]:
         facts.append(
             ("vs best uniform at ≤ cost", "none", "no uniform schedule at or below this cost is in trials.csv")
         )
+    per_step = _per_step_fact(s)
+    if per_step is not None:
+        facts.append(per_step)
     coefficients = _coefficients_fact(s)
     if coefficients is not None:
         facts.append(coefficients)
@@ -123,6 +127,20 @@ def _uniform_comparison(schedule: dict, bu, metric: str, hib: bool) -> tuple[str
     diff = value - bu.value
     verdict = "better" if better(value, bu.value, hib) else ("equal" if diff == 0 else "worse")
     return f"{verdict}: {'+' if diff >= 0 else '−'}{_fmt(abs(diff))} {metric} (not paired)", own
+
+
+def _per_step_fact(schedule: dict) -> tuple[str, str, str] | None:
+    """A per-layer schedule against the best schedule without overrides at no more cost (paired)."""
+    c = schedule.get("comparison_per_step")
+    if not c:
+        return None
+    diff, base = _float(c.get("difference")), _float(c.get("baseline_value"))
+    rel = f" ({diff / base:+.0%})" if base else ""
+    count = sum(len(step) for step in schedule.get("overrides") or ())
+    return ("vs best per-step at ≤ cost", f"{c['verdict']}: {_fmt(diff, 3)} {c['metric']}{rel}",
+            f"{count} per-layer overrides; paired difference over the same {c.get('n')} samples, 95% CI "
+            f"[{_fmt(_float(c.get('ci_low')), 3)}, {_fmt(_float(c.get('ci_high')), 3)}] vs {brief_key(c['baseline'])} "
+            f"({_fmt(base)})")
 
 
 def _coefficients_fact(schedule: dict) -> tuple[str, str, str] | None:
@@ -198,6 +216,7 @@ def _column_title(report: Report, label: str, rows: list[dict]) -> str:
         "reference": f"Reference{f' ({short})' if short else ''}",
         "schedule": "Chosen schedule",
         "best_uniform": f"Best uniform at ≤ cost{f' ({short})' if short else ''}",
+        "best_per_step": "Best per-step at ≤ cost",
         "cheapest_uniform": f"Cheapest uniform{f' ({short})' if short else ''}",
     }.get(label, label)
 
@@ -230,7 +249,7 @@ def _front_rows(report: Report) -> tuple[list[str], list[tuple[bool, dict[str, s
     for _, r in front.iterrows():
         cells = {
             "trial": "—" if pd.isna(r.get("trial")) else str(int(r["trial"])),
-            "schedule": ",".join(split_schedule(r["schedule"])),
+            "schedule": brief_key(r["schedule"]),
             "source": "" if pd.isna(r.get("source")) else str(r.get("source")),
             cost_header: _fmt(r["cost"]),
             metric: _ci(r["value"], r.get("ci_low"), r.get("ci_high")),

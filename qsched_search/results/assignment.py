@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 
 from qsched_search.errors import QschedError
 
-__all__ = ["GROUP_NAME", "Override", "StepAssignment", "as_steps", "has_overrides", "parse_schedule_key", "step_levels"]
+__all__ = ["GROUP_NAME", "Override", "StepAssignment", "as_steps", "brief_key", "has_overrides", "parse_schedule_key", "step_levels"]
 
 # A group name: no character that a key, fnmatch or a CSV cell would read specially.
 GROUP_NAME = re.compile(r"^[A-Za-z0-9_.:/+-]+$")
@@ -135,6 +135,13 @@ def parse_schedule_key(key: str) -> tuple[StepAssignment, ...]:
 def step_levels(steps: Sequence[str | StepAssignment]) -> tuple[str, ...]:
     """Each step's own level (what a per-step schedule's `levels` holds)."""
     return tuple(s.level if isinstance(s, StepAssignment) else StepAssignment.parse(str(s)).level for s in steps)
+
+
+def brief_key(key: str) -> str:
+    """A schedule key short enough for a table cell: each step's level with the number of its overrides
+    (`w4a4+3,w4a4,w4a4,w4a4`); a per-step key is unchanged."""
+    steps = parse_schedule_key(key)
+    return ",".join(s.level + (f"+{len(s.overrides)}" if s.overrides else "") for s in steps)
 
 
 def has_overrides(steps: Sequence[str | StepAssignment]) -> bool:

@@ -41,6 +41,11 @@ class ResultsDir:
         """Finished step x group cells, one JSON line each, so a killed layer probe resumes."""
         return self.root / "probe_layer_cells.jsonl"
 
+    @property
+    def layer_trials(self) -> Path:
+        """Schedules the per-layer stage of `qsched search --layers` measured, one JSON line each (it resumes)."""
+        return self.root / "layer_trials.jsonl"
+
     def probe_layers_heatmap(self, level: str) -> Path:
         """The step x group heatmap of one level."""
         return self.root / f"probe_layers_heatmap_{level}.png"

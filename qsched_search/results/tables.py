@@ -11,7 +11,7 @@ from typing import Sequence
 
 import pandas as pd
 
-__all__ = ["BUDGET_EPS", "COEFFICIENTS_FRONT_COLUMNS", "PROBE_COLUMNS", "PROBE_LAYER_COLUMNS", "TRIALS_COLUMNS", "best_uniform_at_most",
+__all__ = ["BUDGET_EPS", "COEFFICIENTS_FRONT_COLUMNS", "PROBE_COLUMNS", "PROBE_LAYER_COLUMNS", "TRIALS_COLUMNS", "best_per_step_at_most", "best_uniform_at_most",
            "choose_schedule", "completed", "pareto_front", "schedule_key", "split_schedule", "uniform_rows"]
 
 # Costs go through floats, CSV and JSON; a schedule exactly at the budget must stay within it.
@@ -88,6 +88,18 @@ def choose_schedule(trials: pd.DataFrame, budget: float, higher_is_better: bool,
     """The completed schedule with the best quality whose cost is within `budget`; None if none completed."""
     done = completed(trials, metric)
     return _best(done[done["cost"] <= budget + BUDGET_EPS], higher_is_better)
+
+
+def best_per_step_at_most(trials: pd.DataFrame, cost: float, higher_is_better: bool, steps: int | None = None,
+                          metric: str | None = None) -> pd.Series | None:
+    """The best schedule without per-layer overrides costing at most `cost` (what a per-layer schedule must beat)."""
+    if cost is None or (isinstance(cost, float) and math.isnan(cost)):
+        return None
+    done = completed(trials, metric)
+    plain = done[~done["schedule"].astype(str).str.contains("{", regex=False)]
+    if steps is not None:
+        plain = plain[plain["schedule"].map(lambda k: len(split_schedule(k)) == steps)]
+    return _best(plain[plain["cost"] <= cost + BUDGET_EPS], higher_is_better)
 
 
 def uniform_rows(trials: pd.DataFrame, steps: int | None = None, metric: str | None = None) -> pd.DataFrame:

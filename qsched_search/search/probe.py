@@ -112,14 +112,16 @@ class CellStore:
             elif cut or not text.endswith("\n"):  # drop the cut line, so the next record starts a line of its own
                 write_text(self.path, "".join(line + "\n" for line in kept))
 
-    def add(self, cell: Cell, measurement: Measurement) -> None:
-        record = {"fingerprint": self.fingerprint, "cell": cell.key, **measurement.to_dict()}
+    def add(self, cell: Cell | str, measurement: Measurement) -> None:
+        """Keeps a finished cell (or any run named by a string key, such as a schedule's)."""
+        key = cell if isinstance(cell, str) else cell.key
+        record = {"fingerprint": self.fingerprint, "cell": key, **measurement.to_dict()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:  # one whole line per finished cell; a kill can cut only the last one
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.done[cell.key] = measurement
+        self.done[key] = measurement
 
 
 @dataclass

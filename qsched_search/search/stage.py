@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -20,8 +21,9 @@ from qsched_search.results.layout import ResultsDir
 from qsched_search.results.provenance import command_line, device_name, now, update_manifest, versions
 from qsched_search.results.records import Measurement
 from qsched_search.results.schedule import COST_MODELS, Quality, Schedule, save_schedule
-from qsched_search.results.tables import (best_uniform_at_most, choose_schedule, pareto_front, schedule_key,
-                                          split_schedule, uniform_rows)
+from qsched_search.results.assignment import has_overrides, parse_schedule_key, step_levels
+from qsched_search.results.tables import (TRIALS_COLUMNS, best_per_step_at_most, best_uniform_at_most, choose_schedule,
+                                          pareto_front, schedule_key, split_schedule, uniform_rows)
 from qsched_search.search.priors import additive_model, warm_start_schedules
 from qsched_search.search.samplers import SAMPLERS
 from qsched_search.search.storage import HEARTBEAT_SECONDS, check_heartbeat, sqlite_url
@@ -34,6 +36,8 @@ __all__ = ["IMAGE_SAMPLES", "SearchResult", "SearchSettings", "check_cost_source
 
 # Samples per schedule in the report's images.
 IMAGE_SAMPLES = 8
+# Evaluations of the per-layer stage of `qsched search --layers`.
+LAYER_TRIALS = 24
 # Settings that decide an evaluation's numbers; a probe made with the same ones measured the same schedules.
 EVAL_KEYS = ("model_id", "weights_sha256", "steps", "samples", "seed", "prompts_sha256", "reference", "dtype",
              "device", "batch_size", "call_kwargs", "exclude", "backend", "execution")
@@ -61,6 +65,10 @@ class SearchSettings:
         images (`int`, defaults to 8): samples per schedule written to `OUT/images/` (0: none).
         heartbeat (`int`, defaults to 60): seconds between the heartbeats of a running trial in a database storage;
             a trial silent for ten of them belongs to a dead worker and is queued again.
+        layers (`bool`, defaults to False): then search per-step x per-layer schedules (layer groups of the
+            family at their own levels in each step), warm-started from `OUT/probe_layers.csv`.
+        layer_trials (`int`, defaults to 24): evaluations of the per-layer stage (kept ones included).
+        grouping (`str`, *optional*): the layer grouping (the family's default if None, or a YAML file).
     """
 
     budget: float | None = None
@@ -74,6 +82,9 @@ class SearchSettings:
     probe: str | None = None
     images: int = IMAGE_SAMPLES
     heartbeat: int = HEARTBEAT_SECONDS
+    layers: bool = False
+    layer_trials: int = LAYER_TRIALS
+    grouping: str | None = None
 
     def __post_init__(self):
         if self.budget is not None and (not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1):
@@ -88,6 +99,11 @@ class SearchSettings:
         if self.images < 0:
             raise QschedError(f"--images {self.images} is negative; allowed: 0 (none) or more samples per schedule")
         check_heartbeat(self.heartbeat)
+        if self.layer_trials < 0:
+            raise QschedError(f"--layer-trials {self.layer_trials} is negative; allowed: 0 or more per-layer evaluations")
+        if self.layers and self.cost_model == "latency":
+            raise QschedError("--layers with --cost latency: a step with per-layer overrides runs its own compiled copy, "
+                              "whose latency is known only when measured; search per layer with --cost bops or memory")
 
 
 @dataclass
@@ -110,6 +126,7 @@ class SearchResult:
     warm_start: list
     manifest: dict
     measured: dict = field(default_factory=dict)  # schedule key -> Measurement, every schedule the study knows
+    best_per_step: pd.Series | None = None  # with --layers: the best schedule without overrides at <= chosen cost
     images: list = field(default_factory=list)  # (label, levels, images tensor, per-image lpips or None)
     image_set: Any = None
     coefficients_front: pd.DataFrame | None = None
@@ -260,7 +277,13 @@ def run_search(session, settings: SearchSettings, results: ResultsDir,
         latency = {lv: row["ms_per_step"] / ref_ms for lv, row in latency_rows.items()}
     else:
         latency = None
-    costs = CostTable.from_bank(bank, latency)
+    groups = None
+    if settings.layers:
+        from qsched_search.quant.groups import bank_groups
+
+        groups = bank_groups(bank, session.model.family, settings.grouping)
+        session.runner.groups = groups
+    costs = CostTable.from_bank(bank, latency, groups)
     level_costs = costs.model(settings.cost_model)
 
     described = session.describe()
@@ -293,6 +316,13 @@ def run_search(session, settings: SearchSettings, results: ResultsDir,
            f"{search.space_size} schedules, up to {search.trials} new evaluations")
     outcome = search.run(on_trial=on_trial)
     trials = outcome.trials
+    measured = search.evaluated()
+    layer_stage = None
+    if groups is not None:
+        layer_stage = _search_layers(session, settings, results, ResultsDir(probe_path.parent), groups, costs, model,
+                                     measured, fingerprint, metric, objective, status, on_trial)
+        trials = _with_layer_rows(trials, layer_stage.trials)
+        measured.update(layer_stage.measured)
     front = pareto_front(trials, metric.higher_is_better)
     chosen = choose_schedule(trials, settings.budget, metric.higher_is_better)
     if chosen is None:
@@ -301,8 +331,8 @@ def run_search(session, settings: SearchSettings, results: ResultsDir,
         raise QschedError(f"no schedule within --budget {settings.budget:g} completed ({len(failed)} within budget failed"
                           f"{': ' + reasons if reasons else ''}); raise --trials or --budget, or check the failures in {results.trials_csv}")
 
-    measured = search.evaluated()
-    levels = tuple(split_schedule(chosen["schedule"]))
+    chosen_steps = parse_schedule_key(chosen["schedule"])
+    levels = step_levels(chosen_steps)
     est = measured[chosen["schedule"]].estimates[objective]
     best_uniform = best_uniform_at_most(trials, float(chosen["cost"]), metric.higher_is_better, steps)
     uniform = uniform_rows(trials, steps)
@@ -313,6 +343,12 @@ def run_search(session, settings: SearchSettings, results: ResultsDir,
     if best_uniform is not None and best_uniform["schedule"] != chosen["schedule"]:
         comparison = compare_paired(measured.get(chosen["schedule"]), measured.get(best_uniform["schedule"]), objective,
                                     best_uniform["schedule"])
+    best_per_step = comparison_per_step = None
+    if groups is not None:
+        best_per_step = best_per_step_at_most(trials, float(chosen["cost"]), metric.higher_is_better, steps)
+        if best_per_step is not None and best_per_step["schedule"] != chosen["schedule"]:
+            comparison_per_step = compare_paired(measured.get(chosen["schedule"]), measured.get(best_per_step["schedule"]),
+                                                 objective, best_per_step["schedule"])
 
     execution = {**bank.describe(), "device": device_name(session.settings.device),
                  "cuda_graphs": bool(session.settings.cuda_graphs)}
@@ -323,7 +359,8 @@ def run_search(session, settings: SearchSettings, results: ResultsDir,
     schedule = Schedule(
         levels=levels, steps=steps, timesteps=tuple(int(t) for t in timesteps), reference=reference,
         model_id=session.model.model_id, weights_sha256=described["weights_sha256"], budget=float(settings.budget),
-        cost_model=settings.cost_model, cost=costs.costs(levels),
+        cost_model=settings.cost_model, cost=costs.costs(chosen_steps),
+        overrides=tuple(step.overrides for step in chosen_steps),
         quality=Quality(objective, float(est.value), _opt(est.ci_low), _opt(est.ci_high), int(est.n),
                         bool(metric.higher_is_better), est.per_image),
         provenance={"tool_version": __version__, "seed": int(session.settings.seed),
@@ -337,6 +374,8 @@ def run_search(session, settings: SearchSettings, results: ResultsDir,
                        "evaluated_schedules": int(len(measured)), "space_size": int(search.space_size),
                        "samples": int(session.settings.samples), "prompts": sorted(set(session.eval_set.prompts))},
             **({"comparison": comparison} if comparison else {}),
+            **({"comparison_per_step": comparison_per_step} if comparison_per_step else {}),
+            **({"layer_groups": groups.to_dict()} if groups is not None and has_overrides(chosen_steps) else {}),
             **({"loras": session.lora_record()} if session.lora_record() else {}),
         },
     )
@@ -344,7 +383,8 @@ def run_search(session, settings: SearchSettings, results: ResultsDir,
         schedule=schedule, trials=trials, front=front, chosen=chosen, best_uniform=best_uniform,
         cheapest_uniform=cheapest_uniform, reference_row=reference_row, comparison=comparison, sampler=outcome.sampler,
         study_name=search.study_name, storage=search.storage_description, new_evaluations=outcome.new_evaluations,
-        stopped_because=outcome.stopped_because, warm_start=warm, manifest={}, measured=measured)
+        stopped_because=outcome.stopped_because, warm_start=warm, manifest={}, measured=measured,
+        best_per_step=best_per_step)
     if joint is not None:
         from qsched_search.search.joint import calibrate_front
 
@@ -355,7 +395,9 @@ def run_search(session, settings: SearchSettings, results: ResultsDir,
         result.comparison = result.schedule.extras.get("comparison")
     if settings.images > 0:
         status(f"running {settings.images} samples of the pictured schedules for {results.images_dir}")
-        labelled = [("reference", (reference,) * steps), ("schedule", levels)]
+        labelled = [("reference", (reference,) * steps), ("schedule", chosen_steps)]
+        if best_per_step is not None and best_per_step["schedule"] != chosen["schedule"]:
+            labelled.append(("best_per_step", tuple(split_schedule(best_per_step["schedule"]))))
         if best_uniform is not None:
             labelled.append(("best_uniform", tuple(split_schedule(best_uniform["schedule"]))))
         if cheapest_uniform is not None:
@@ -374,11 +416,88 @@ def run_search(session, settings: SearchSettings, results: ResultsDir,
         "schedule": list(result.schedule.levels), "quality": result.schedule.quality.to_dict(),
         "cost": result.schedule.cost, "comparison": comparison, "prefix_reuse": session.runner.cache.stats(),
         "lora_effects": session.lora_record(),
+        "layers": None if layer_stage is None else {
+            "grouping": groups.name, "groups": len(groups.groups), "prior": layer_stage.prior_origin,
+            "layer_probe": layer_stage.probe_path, "trials": int(len(layer_stage.trials)),
+            "new_evaluations": layer_stage.new_evaluations, "stopped_because": layer_stage.stopped_because,
+            "best_per_step": None if best_per_step is None else str(best_per_step["schedule"]),
+            "comparison_per_step": comparison_per_step},
         "seconds": round(time.time() - started, 1),
     }
     result.files = write_search(result, results, title=f"{session.model.model_id}, {steps} steps, budget "
                                                          f"{settings.budget:g} ({settings.cost_model})")
     return result
+
+
+@dataclass
+class _LayerStage:
+    trials: pd.DataFrame
+    measured: dict
+    new_evaluations: int
+    stopped_because: str
+    prior_origin: dict
+    probe_path: str | None
+
+
+def _search_layers(session, settings: SearchSettings, results: ResultsDir, probed: ResultsDir, groups, costs: CostTable,
+                   step_model, measured: Mapping[str, Measurement], fingerprint: Mapping, metric, objective: str,
+                   status: Callable[[str], None], on_trial) -> _LayerStage:
+    """The per-layer stage: the layer prior from the probe tables (probe_layers.csv beside the step probe's), then
+    `LayerSearch` from the per-step study's measurements (kept in OUT/layer_trials.jsonl: the command resumes)."""
+    from qsched_search.results.provenance import fingerprint as settings_fingerprint
+    from qsched_search.search.layer_search import LayerSearch, item_costs, layer_prior
+
+    if step_model is None:
+        raise QschedError(f"--layers needs the step probe of the same steps and levels to warm-start from: run "
+                          f"`qsched probe --layers --out {results.root}` first (or pass --probe FILE)")
+    layer_probe = _read_layer_probe(probed.probe_layers_csv)
+    if layer_probe is None:
+        status(f"no layer probe at {probed.probe_layers_csv}: the per-layer prior shares each step's harm by "
+               f"multiply-accumulates (run `qsched probe --layers --out {probed.root}` for a measured one)")
+    layer_costs = session.bank.layer_costs()
+    levels = step_model.levels
+    prior = layer_prior(step_model, layer_probe, objective, metric.higher_is_better, groups, layer_costs)
+    raw = layer_prior(step_model, layer_probe, objective, metric.higher_is_better, groups, layer_costs, calibrate=False)
+    key = settings_fingerprint({**fingerprint, "groups": groups.to_dict(), "stage": "layers"})
+    search = LayerSearch(session.evaluator.evaluate, prior=prior, raw_prior=raw,
+                         costs=item_costs(groups, layer_costs, levels, settings.cost_model), schedule_costs=costs.costs,
+                         metric=objective, higher_is_better=metric.higher_is_better, budget=settings.budget,
+                         trials=settings.layer_trials, groups=groups, store=results.layer_trials, fingerprint=key,
+                         start=measured, cost_model=settings.cost_model)
+    status(f"per-layer stage: {len(groups.groups)} groups ({groups.name}) x {session.runner.steps} steps x "
+           f"{len(levels)} levels, up to {settings.layer_trials} evaluations")
+    progress = SimpleNamespace(trials=settings.layer_trials, new_evaluations=0)
+
+    def step(row: dict) -> None:
+        progress.new_evaluations += 1
+        if on_trial is not None:
+            on_trial(row, progress)
+
+    outcome = search.run(on_trial=step)
+    return _LayerStage(outcome.trials, outcome.measured, outcome.new_evaluations, outcome.stopped_because,
+                       dict(prior.origin), str(probed.probe_layers_csv) if layer_probe is not None else None)
+
+
+def _read_layer_probe(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise QschedError(f"layer probe table {str(path)!r} is not a readable CSV ({type(exc).__name__}); "
+                          "re-run `qsched probe --layers`") from None
+
+
+def _with_layer_rows(trials: pd.DataFrame, layer_rows: pd.DataFrame) -> pd.DataFrame:
+    """trials.csv: the study's trials, then the per-layer stage's, numbered on from the study's."""
+    if layer_rows.empty:
+        return trials
+    rows = layer_rows.reindex(columns=TRIALS_COLUMNS).copy()
+    first = int(trials["trial"].max()) + 1 if not trials.empty else 0
+    rows["trial"] = range(first, first + len(rows))
+    frame = pd.concat([trials, rows], ignore_index=True)
+    frame["n"] = pd.to_numeric(frame["n"], errors="coerce").astype("Int64")
+    return frame
 
 
 def write_search(result: SearchResult, results: ResultsDir, title: str = "") -> list[Path]:
@@ -421,7 +540,7 @@ def run_images(session, labelled: Sequence[tuple[str, tuple[str, ...]]], samples
     n = min(samples, len(eval_set))
     subset = EvalSet(eval_set.prompts[:n], eval_set.seeds[:n])
     runner = Runner(session.model, session.bank, session.runner.steps, subset, session.runner.batch_size,
-                    session.runner.call_kwargs)
+                    session.runner.call_kwargs, groups=session.runner.groups)
     runs: dict[tuple, Any] = {}
 
     def images_of(levels, coeffs):
