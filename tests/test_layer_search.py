@@ -17,7 +17,7 @@ from qsched_search.quant.groups import LayerAssignment, LayerGroups
 from qsched_search.results.assignment import StepAssignment, parse_schedule_key
 from qsched_search.results.records import Estimate, Measurement
 from qsched_search.results.tables import schedule_key
-from qsched_search.search.layer_search import (UNGROUPED, LayerSearch, item_costs, labels_to_steps, layer_prior,
+from qsched_search.search.layer_search import (LAYER_SOURCES, UNGROUPED, LayerSearch, item_costs, labels_to_steps, layer_prior,
                                                steps_to_labels)
 from qsched_search.search.priors import AdditiveModel, choice_front
 
@@ -108,7 +108,7 @@ def test_item_costs_price_every_schedule_as_the_cost_table_does(ungrouped, model
     items = item_costs(groups, lc, LEVELS, model)
     assert items.items == ("a", "b", "c") + ((UNGROUPED,) if ungrouped else ())
     for labels in itertools.islice(itertools.product(itertools.product(LEVELS, repeat=len(items.items)), repeat=2), 0, None, 37):
-        steps = labels_to_steps(labels, items.items, items)
+        steps = labels_to_steps(labels, items)
         assert items.schedule_cost(labels) == pytest.approx(costs.cost(steps, model), abs=1e-12)
         assert steps_to_labels(steps, items.items, groups) == labels  # the schedule names every label it was built from
 
@@ -116,11 +116,11 @@ def test_item_costs_price_every_schedule_as_the_cost_table_does(ungrouped, model
 def test_labels_become_a_default_level_and_the_fewest_overrides():
     groups = _groups()
     items = item_costs(groups, _layer_costs(groups), LEVELS, "bops")
-    (step,) = labels_to_steps((("fp32", "w4a4", "w4a4"),), items.items, items)
+    (step,) = labels_to_steps((("fp32", "w4a4", "w4a4"),), items)
     assert step.level == "w4a4" and [str(o) for o in step.overrides] == ["a=fp32"]
     with_free = _groups(ungrouped=True)
     items = item_costs(with_free, _layer_costs(with_free), LEVELS, "bops")
-    (step,) = labels_to_steps((("w4a4", "w4a4", "w4a4", "w8a8"),), items.items, items)
+    (step,) = labels_to_steps((("w4a4", "w4a4", "w4a4", "w8a8"),), items)
     assert step.level == "w8a8" and len(step.overrides) == 3  # ungrouped layers follow the step's own level
 
 
@@ -190,7 +190,7 @@ def test_search_beats_the_best_per_step_schedule_within_the_budget():
     assert (outcome.trials.cost <= 0.2 + 1e-9).all()  # every move stays within the budget
     assert outcome.best == feasible.sort_values("value").iloc[0]["schedule"]
     assert feasible["value"].min() < 0.8 * best_per_step
-    assert set(outcome.trials.source) <= {"layer-dp", "layer-dp-raw", "layer-greedy", "layer-local"}
+    assert set(outcome.trials.source) <= set(LAYER_SOURCES) == {"layer-dp", "layer-dp-raw", "layer-greedy", "layer-local"}
     assert "layer-local" in set(outcome.trials.source)
 
 

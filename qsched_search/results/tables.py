@@ -93,13 +93,11 @@ def choose_schedule(trials: pd.DataFrame, budget: float, higher_is_better: bool,
 def best_per_step_at_most(trials: pd.DataFrame, cost: float, higher_is_better: bool, steps: int | None = None,
                           metric: str | None = None) -> pd.Series | None:
     """The best schedule without per-layer overrides costing at most `cost` (what a per-layer schedule must beat)."""
-    if cost is None or (isinstance(cost, float) and math.isnan(cost)):
-        return None
     done = completed(trials, metric)
     plain = done[~done["schedule"].astype(str).str.contains("{", regex=False)]
     if steps is not None:
         plain = plain[plain["schedule"].map(lambda k: len(split_schedule(k)) == steps)]
-    return _best(plain[plain["cost"] <= cost + BUDGET_EPS], higher_is_better)
+    return _best_at_most(plain, cost, higher_is_better)
 
 
 def uniform_rows(trials: pd.DataFrame, steps: int | None = None, metric: str | None = None) -> pd.DataFrame:
@@ -116,7 +114,10 @@ def uniform_rows(trials: pd.DataFrame, steps: int | None = None, metric: str | N
 def best_uniform_at_most(trials: pd.DataFrame, cost: float, higher_is_better: bool, steps: int | None = None,
                          metric: str | None = None) -> pd.Series | None:
     """The best uniform schedule costing at most `cost` (the baseline a schedule must beat); None if none does."""
+    return _best_at_most(uniform_rows(trials, steps, metric), cost, higher_is_better)
+
+
+def _best_at_most(done: pd.DataFrame, cost: float, higher_is_better: bool) -> pd.Series | None:
     if cost is None or (isinstance(cost, float) and math.isnan(cost)):
         return None
-    uniform = uniform_rows(trials, steps, metric)
-    return _best(uniform[uniform["cost"] <= cost + BUDGET_EPS], higher_is_better)
+    return _best(done[done["cost"] <= cost + BUDGET_EPS], higher_is_better)

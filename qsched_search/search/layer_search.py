@@ -22,7 +22,7 @@ from qsched_search.errors import QschedError
 from qsched_search.results.assignment import Override, StepAssignment, as_steps
 from qsched_search.results.records import Measurement
 from qsched_search.results.tables import BUDGET_EPS, schedule_key
-from qsched_search.search.priors import AdditiveModel, choice_front, choice_greedy
+from qsched_search.search.priors import AdditiveModel, choice_front, choice_greedy, row_harm
 from qsched_search.search.probe import CellStore
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,11 @@ class ItemCosts:
     items: tuple[str, ...]
     cost: Mapping[tuple[str, str], float]
     fixed: float
+    reference: str
+
+    def share(self, item: str) -> float:
+        """The item's part of the all-reference step's cost."""
+        return self.cost[(item, self.reference)]
 
     def step_cost(self, step_labels: Sequence[str]) -> float:
         return self.fixed + sum(self.cost[(item, lv)] for item, lv in zip(self.items, step_labels))
@@ -89,7 +94,7 @@ def item_costs(groups, layer_costs, levels: Sequence[str], cost_model: str) -> I
         for lv in levels:
             moved = layer_costs.cost(LayerAssignment(reference, tuple((n, lv) for n in ls)))[cost_model]
             cost[(item, lv)] = ref_share[item] + (moved - 1.0)
-    return ItemCosts(tuple(members), cost, 1.0 - sum(ref_share.values()))
+    return ItemCosts(tuple(members), cost, 1.0 - sum(ref_share.values()), reference)
 
 
 def _share(layer_costs, layers: Sequence[str], cost_model: str) -> float:
@@ -146,11 +151,8 @@ def layer_prior(step_model: AdditiveModel, layer_probe: pd.DataFrame | None, met
     if layer_probe is not None and {"kind", "step", "group", "precision", "metric", "delta"} <= set(layer_probe.columns):
         rows = layer_probe[(layer_probe["kind"] == "group") & (layer_probe["metric"] == metric)]
         for row in rows.itertuples(index=False):
-            failed = "fail_reason" in rows.columns and isinstance(row.fail_reason, str) and bool(row.fail_reason)
-            delta = float(row.delta) if not pd.isna(row.delta) else math.nan
             if row.group in groups.groups and row.precision in levels:
-                probed[(int(row.step), str(row.group), str(row.precision))] = (
-                    math.inf if failed or math.isnan(delta) else max(0.0, sign * delta))
+                probed[(int(row.step), str(row.group), str(row.precision))] = max(0.0, row_harm(row, sign))
     macs = {g: layer_costs.macs_of(groups.groups[g]) for g in names}
     total_macs = sum(macs.values()) + layer_costs.macs_of(groups.ungrouped)
     harm: dict[tuple[int, str, str], float] = {}
@@ -195,29 +197,23 @@ def _group_harm(probed, step_model, step, group, level, levels, reference) -> tu
 # ================================================================================================ schedules <-> labels
 
 
-def labels_to_steps(labels: Labels, items: Sequence[str], costs: ItemCosts | None = None) -> tuple[StepAssignment, ...]:
-    """The schedule of item labels: each step's default level is its ungrouped layers' level, or else the level that
-    holds the largest share of its cost at the reference (the fewest overrides to write), and every group at
-    another level an override."""
+def labels_to_steps(labels: Labels, costs: ItemCosts) -> tuple[StepAssignment, ...]:
+    """The schedule of item labels (`costs.items` order): each step's default level is its ungrouped layers' level,
+    or else the level that holds the largest share of its cost at the reference (the fewest overrides to write),
+    and every group at another level an override."""
     out = []
     for row in labels:
-        by_item = dict(zip(items, row))
+        by_item = dict(zip(costs.items, row))
         if UNGROUPED in by_item:
             default = by_item[UNGROUPED]
         else:
             weight: dict[str, float] = {}
             for item, lv in by_item.items():
-                share = costs.cost.get((item, _reference_of(costs, item)), 0.0) if costs else 1.0
-                weight[lv] = weight.get(lv, 0.0) + share + 1e-12
+                weight[lv] = weight.get(lv, 0.0) + costs.share(item) + 1e-12
             default = max(weight, key=lambda lv: (weight[lv], -list(row).index(lv)))
         overrides = tuple(Override(lv, group=item) for item, lv in by_item.items() if item != UNGROUPED and lv != default)
         out.append(StepAssignment(default, overrides))
     return tuple(out)
-
-
-def _reference_of(costs: ItemCosts, item: str) -> str:
-    # The reference is the level at which an item costs most; any level works for weighing shares.
-    return max((lv for it, lv in costs.cost if it == item), key=lambda lv: costs.cost[(item, lv)])
 
 
 def steps_to_labels(steps: Sequence, items: Sequence[str], groups) -> Labels:
@@ -296,11 +292,12 @@ class LayerSearch:
     def run(self, on_trial: Callable[[dict], None] | None = None) -> LayerSearchOutcome:
         self._on_trial = on_trial
         stopped = f"{self.trials} per-layer evaluations done"
-        for labels, source in self.warm_start():
+        warm = self.warm_start()
+        for labels, source in warm:
             if len(self.rows) >= self.trials:
                 break
             self._measure(labels, source)
-        tried = {schedule_key(self._steps(lb)) for lb, _ in self.warm_start()} | set(self.measured)
+        tried = {schedule_key(self._steps(lb)) for lb, _ in warm} | set(self.measured)
         while len(self.rows) < self.trials:
             ranked = self._ranked()
             if not ranked:
@@ -404,7 +401,7 @@ class LayerSearch:
         return cost <= self.budget + BUDGET_EPS
 
     def _steps(self, labels: Labels) -> tuple[StepAssignment, ...]:
-        return labels_to_steps(labels, self.items, self.costs)
+        return labels_to_steps(labels, self.costs)
 
     def _value(self, key: str) -> float | None:
         m = self.measured.get(key) or self.start.get(key)
@@ -453,12 +450,11 @@ class LayerSearch:
             self._on_trial(row)
 
     def _run(self, steps) -> Measurement:
-        from qsched_search.search.study import measurement_of
+        from qsched_search.search.study import failure_reason, measurement_of
 
         try:
             return measurement_of(self.evaluate(steps))
         except (QschedError, KeyboardInterrupt, MemoryError):
             raise
         except Exception as exc:  # a kernel or numeric error of one schedule must not end the search
-            reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
-            return Measurement(estimates={}, timesteps=(), fail_reason=reason)
+            return Measurement(estimates={}, timesteps=(), fail_reason=failure_reason(exc))

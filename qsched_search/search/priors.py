@@ -18,7 +18,7 @@ from qsched_search.results.tables import BUDGET_EPS
 logger = logging.getLogger(__name__)
 
 __all__ = ["DP_POINTS", "AdditiveModel", "Prediction", "additive_front", "additive_model", "choice_front", "choice_greedy",
-           "dp_schedule", "greedy_schedule", "warm_start_schedules"]
+           "dp_schedule", "greedy_schedule", "row_harm", "warm_start_schedules"]
 
 # Probe-DP warm-start points: the predicted optimum at the budget plus points spread over the predicted front.
 DP_POINTS = 8
@@ -76,13 +76,20 @@ def additive_model(probe: pd.DataFrame, metric: str, higher_is_better: bool, ste
     for row in rows.itertuples(index=False):
         if row.precision not in levels or row.precision == reference:
             continue
-        failed = "fail_reason" in rows.columns and isinstance(row.fail_reason, str) and bool(row.fail_reason)
-        delta = float(row.delta) if row.delta is not None and not pd.isna(row.delta) else math.nan
-        harm[(int(row.step), str(row.precision))] = math.inf if failed or math.isnan(delta) else sign * delta
+        harm[(int(row.step), str(row.precision))] = row_harm(row, sign)
     unprobed = [lv for lv in levels if lv != reference and not any(k[1] == lv for k in harm)]
     if unprobed:
         logger.warning("probe table has no rows for %s; the probe warm start avoids them", ", ".join(unprobed))
     return AdditiveModel(harm=harm, steps=steps, levels=tuple(dict.fromkeys([reference, *levels])), reference=reference)
+
+
+def row_harm(row, sign: float) -> float:
+    """A probe row's harm: `sign * delta` (`sign` -1 for a higher-is-better metric), infinite for a failed cell or a
+    missing delta."""
+    reason = getattr(row, "fail_reason", None)
+    delta = getattr(row, "delta", None)
+    delta = float(delta) if delta is not None and not pd.isna(delta) else math.nan
+    return math.inf if (isinstance(reason, str) and reason) or math.isnan(delta) else sign * delta
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
@@ -15,13 +15,13 @@ import pandas as pd
 from qsched_search._version import __version__
 from qsched_search.errors import QschedError
 from qsched_search.quant.costs import CostTable, load_latency_profile
+from qsched_search.results.assignment import has_overrides, parse_schedule_key, step_levels
 from qsched_search.results.compare import compare_paired
 from qsched_search.results.io import write_csv
 from qsched_search.results.layout import ResultsDir
 from qsched_search.results.provenance import command_line, device_name, now, update_manifest, versions
 from qsched_search.results.records import Measurement
 from qsched_search.results.schedule import COST_MODELS, Quality, Schedule, save_schedule
-from qsched_search.results.assignment import has_overrides, parse_schedule_key, step_levels
 from qsched_search.results.tables import (TRIALS_COLUMNS, best_per_step_at_most, best_uniform_at_most, choose_schedule,
                                           pareto_front, schedule_key, split_schedule, uniform_rows)
 from qsched_search.search.priors import additive_model, warm_start_schedules
@@ -221,7 +221,10 @@ def _probe_measurements(results: ResultsDir, probe_path: Path, described: Mappin
     return usable, ""
 
 
-def _read_probe(path: Path) -> pd.DataFrame | None:
+def _read_probe(path: Path, what: str = "probe table", rerun: str = "qsched probe",
+                columns: Sequence[str] | None = None) -> pd.DataFrame | None:
+    """A probe CSV, None when absent; a one-line error when unreadable or (with `columns`, PROBE_COLUMNS by default)
+    lacking a column."""
     from qsched_search.results.tables import PROBE_COLUMNS
 
     if not path.is_file():
@@ -229,10 +232,10 @@ def _read_probe(path: Path) -> pd.DataFrame | None:
     try:
         frame = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise QschedError(f"probe table {str(path)!r} is not a readable CSV ({type(exc).__name__}); re-run `qsched probe`") from None
-    absent = [c for c in PROBE_COLUMNS if c not in frame.columns]
+        raise QschedError(f"{what} {str(path)!r} is not a readable CSV ({type(exc).__name__}); re-run `{rerun}`") from None
+    absent = [c for c in (PROBE_COLUMNS if columns is None else columns) if c not in frame.columns]
     if absent:
-        raise QschedError(f"probe table {str(path)!r} lacks column(s) {', '.join(absent)}; re-run `qsched probe` with this version")
+        raise QschedError(f"{what} {str(path)!r} lacks column(s) {', '.join(absent)}; re-run `{rerun}` with this version")
     return frame
 
 
@@ -450,7 +453,7 @@ def _search_layers(session, settings: SearchSettings, results: ResultsDir, probe
     if step_model is None:
         raise QschedError(f"--layers needs the step probe of the same steps and levels to warm-start from: run "
                           f"`qsched probe --layers --out {results.root}` first (or pass --probe FILE)")
-    layer_probe = _read_layer_probe(probed.probe_layers_csv)
+    layer_probe = _read_probe(probed.probe_layers_csv, "layer probe table", "qsched probe --layers", columns=())
     if layer_probe is None:
         status(f"no layer probe at {probed.probe_layers_csv}: the per-layer prior shares each step's harm by "
                f"multiply-accumulates (run `qsched probe --layers --out {probed.root}` for a measured one)")
@@ -476,16 +479,6 @@ def _search_layers(session, settings: SearchSettings, results: ResultsDir, probe
     outcome = search.run(on_trial=step)
     return _LayerStage(outcome.trials, outcome.measured, outcome.new_evaluations, outcome.stopped_because,
                        dict(prior.origin), str(probed.probe_layers_csv) if layer_probe is not None else None)
-
-
-def _read_layer_probe(path: Path) -> pd.DataFrame | None:
-    if not path.is_file():
-        return None
-    try:
-        return pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise QschedError(f"layer probe table {str(path)!r} is not a readable CSV ({type(exc).__name__}); "
-                          "re-run `qsched probe --layers`") from None
 
 
 def _with_layer_rows(trials: pd.DataFrame, layer_rows: pd.DataFrame) -> pd.DataFrame:

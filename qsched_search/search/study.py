@@ -26,7 +26,7 @@ from qsched_search.search.workers import StudyWorker, waiting_params
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SOURCES", "ScheduleSearch", "SearchOutcome", "TrialFailed", "measurement_of"]
+__all__ = ["SOURCES", "ScheduleSearch", "SearchOutcome", "TrialFailed", "failure_reason", "measurement_of"]
 
 SOURCES = ("uniform", "probe-greedy", "probe-dp", "tpe", "nsga2", "exhaustive", "random", "cache")
 # A sampler that proposes only already-evaluated schedules this many times in a row has converged: stop.
@@ -39,6 +39,11 @@ _INTERRUPTED = "interrupted: the process stopped during this trial; it is queued
 
 class TrialFailed(Exception):
     """A schedule whose evaluation failed (unusable images, NaN metric, an error); the trial is recorded as FAIL."""
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A failed evaluation's reason for trials.csv: the exception's type and the first line of its message."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
 
 
 def measurement_of(result) -> Measurement:
@@ -223,7 +228,7 @@ class ScheduleSearch:
             except (QschedError, KeyboardInterrupt, MemoryError):
                 raise
             except Exception as exc:  # a kernel or numeric error of one schedule must not end the search
-                reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+                reason = failure_reason(exc)
                 trial.set_user_attr("fail_reason", reason)
                 raise TrialFailed(reason) from exc
             record = measurement_of(evaluation).to_dict()
