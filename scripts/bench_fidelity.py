@@ -42,7 +42,7 @@ from qsched_search.pipeline.rollout import Runner, capture_denoiser_call, make_e
 from qsched_search.quant.backends import build_bank  # noqa: E402
 from qsched_search.quant.bank import default_compile, measure_call, plan_layers  # noqa: E402
 from qsched_search.quant.kernels import kernel_for  # noqa: E402
-from qsched_search.quant.latency import environment, write_csv  # noqa: E402
+from qsched_search.quant.latency import environment, time_pipeline_calls, write_csv  # noqa: E402
 from qsched_search.quant.levels import load_menu  # noqa: E402
 from qsched_search.results.io import write_json  # noqa: E402
 from qsched_search.results.provenance import command_line, now  # noqa: E402
@@ -334,18 +334,9 @@ def part_e2e(out: Out, args) -> None:
         applied = apply_schedule(pipe, schedule, family="flux-schnell", backend="torchao", cuda_graphs=True)
         build = time.perf_counter() - started
         try:
-            started = time.perf_counter()
-            pipe(**call, generator=torch.Generator(args.device).manual_seed(0))  # compiles and captures every step
-            torch.cuda.synchronize()
-            first = time.perf_counter() - started
-            ms = []
-            for k in range(args.repeats):
-                torch.cuda.synchronize()
-                started = time.perf_counter()
-                pipe(**call, generator=torch.Generator(args.device).manual_seed(k))
-                torch.cuda.synchronize()
-                ms.append((time.perf_counter() - started) * 1e3)
-            ms.sort()
+            # The first call compiles and captures every step.
+            first, ms = time_pipeline_calls(lambda k: pipe(**call, generator=torch.Generator(args.device).manual_seed(k)),
+                                            args.device, args.repeats)
             results[levels[0]] = ms[len(ms) // 2]
             out.add("e2e", {"model": "FluxPipeline, full FLUX.1-schnell transformer (random weights), 1024 px, batch 1, 4 steps",
                             "schedule": ",".join(levels), "ms_pipeline_call_median": ms[len(ms) // 2], "ms_min": ms[0],

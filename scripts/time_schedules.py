@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +23,7 @@ sys.path.insert(0, str(REPO))
 from qsched_search import apply_schedule  # noqa: E402
 from qsched_search.logs import quiet_libraries  # noqa: E402
 from qsched_search.pipeline.loading import load_model  # noqa: E402
+from qsched_search.quant.latency import time_pipeline_calls  # noqa: E402
 from qsched_search.results.io import write_csv  # noqa: E402
 from qsched_search.results.provenance import device_name, now, versions  # noqa: E402
 from qsched_search.results.schedule import load_schedule  # noqa: E402
@@ -51,18 +51,8 @@ def main() -> None:
     for name, variant in variants.items():
         applied = apply_schedule(pipe, variant, backend="torchao")
         try:
-            started = time.perf_counter()
-            pipe(**call, generator=torch.Generator("cuda").manual_seed(0))
-            torch.cuda.synchronize()
-            first = time.perf_counter() - started
-            ms = []
-            for k in range(args.repeats):
-                torch.cuda.synchronize()
-                started = time.perf_counter()
-                pipe(**call, generator=torch.Generator("cuda").manual_seed(k))
-                torch.cuda.synchronize()
-                ms.append((time.perf_counter() - started) * 1e3)
-            ms.sort()
+            first, ms = time_pipeline_calls(lambda k: pipe(**call, generator=torch.Generator("cuda").manual_seed(k)),
+                                            "cuda", args.repeats)
             memory = applied.bank.memory() if hasattr(applied.bank, "memory") else {}
             rows.append({"variant": name, "levels": ",".join(variant.levels),
                          "overrides": sum(len(s) for s in variant.overrides), "batch": args.batch,

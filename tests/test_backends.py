@@ -216,6 +216,25 @@ def test_profile_command_writes_a_profile_that_search_reads(tiny_sd_folder, tmp_
     assert costs["fp32"] == 1.0 and costs["w8a8"] > 0
 
 
+def test_pipeline_call_timing_runs_one_first_call_then_each_repeat_with_its_index():
+    import time
+
+    from qsched_search.quant.latency import time_pipeline_calls
+
+    calls = []
+
+    def call(k):
+        calls.append(k)
+        time.sleep(0.05 if len(calls) == 1 else 0.001 * (3 - k))  # the first call is the slow one (compilation)
+
+    first, ms = time_pipeline_calls(call, "cpu", 3)
+    assert calls == [0, 0, 1, 2]
+    assert first >= 0.05 and len(ms) == 3 and ms == sorted(ms) and ms[-1] < 50
+    assert ms[0] >= 1.0 and ms[-1] >= 3.0  # repeat k slept (3 - k) ms: the sorted times hold all three
+    with pytest.raises(QschedError, match="repeats must be at least 1"):
+        time_pipeline_calls(call, "cpu", 0)
+
+
 def test_profile_command_errors_are_one_line(tiny_sd_folder, tmp_path):
     from qsched_search.cli.app import app
 

@@ -213,6 +213,23 @@ def test_layer_costs_price_assignments_exactly(embedded, sim_bank):
         CostTable({**table.tables, "latency": {lv: 1.0 for lv in sim_bank.levels}}, table.layers, groups).cost(schedule, "latency")
 
 
+def test_latency_of_overrides_is_refused_with_one_line_by_every_option_that_asks(sim_bank, embedded):
+    from qsched_search.search.layer_search import item_costs
+    from qsched_search.search.stage import SearchSettings
+
+    model, _ = embedded
+    groups = bank_groups(sim_bank, model.family)
+    with pytest.raises(QschedError) as by_settings:
+        SearchSettings(cost_model="latency", layers=True)
+    with pytest.raises(QschedError) as by_item_costs:
+        item_costs(groups, sim_bank.layer_costs(), sim_bank.levels, "latency")
+    for refusal, option in ((by_settings, "--layers with --cost latency"), (by_item_costs, "--cost latency")):
+        line = str(refusal.value)
+        assert line.startswith(f"{option}: ") and "\n" not in line
+        assert line.endswith("price a per-layer search by --cost bops or memory")
+    assert item_costs(groups, sim_bank.layer_costs(), sim_bank.levels, "bops").fixed < 1.0  # the allowed models still work
+
+
 # ------------------------------------------------------------------------------------------------ the schedule hook
 
 def test_rollout_switches_overrides_per_step_and_the_prefix_cache_keys_include_them(embedded, sim_bank):

@@ -21,7 +21,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CostTable", "Footprint", "LayerCosts", "load_latency_profile"]
+__all__ = ["CostTable", "Footprint", "LayerCosts", "load_latency_profile", "override_latency_unknown"]
+
+
+def override_latency_unknown(option: str) -> QschedError:
+    """The one refusal of `latency` for schedules with per-layer overrides, whichever option asked for it."""
+    return QschedError(f"{option}: a step with per-layer overrides runs its own compiled copy, whose latency is known "
+                       "only when measured; price a per-layer search by --cost bops or memory")
 
 
 @dataclass(frozen=True)
@@ -142,8 +148,7 @@ class CostTable:
         if not any(s.overrides for s in steps):
             return cost_of(step_levels(steps), table)
         if model == "latency":
-            raise QschedError("--cost latency: a step with per-layer overrides runs its own compiled copy, whose latency "
-                              "is known only when measured; use --cost bops or memory for a per-layer search")
+            raise override_latency_unknown("--cost latency")
         return sum(self._step_cost(s)[model] for s in steps) / len(steps)
 
     def costs(self, levels: Sequence[str | StepAssignment]) -> dict[str, float | None]:

@@ -84,6 +84,31 @@ def time_calls(fn: Callable[[], object], device: str | torch.device, warmup: int
     return out
 
 
+def time_pipeline_calls(call: Callable[[int], object], device: str | torch.device, repeats: int) -> tuple[float, list[float]]:
+    """Seconds of a first call (the one that compiles and captures graphs) and milliseconds of `repeats` more, sorted.
+
+    `call(k)` runs repeat k (0 for the first), so that each can seed its own generator. Whole calls are timed on the
+    host clock, the device synchronised before and after each: a pipeline call's host work (text encoding, the
+    scheduler, decoding) is part of what a user waits for.
+    """
+    device = torch.device(device)
+    if repeats < 1:
+        raise QschedError(f"repeats must be at least 1, got {repeats}")
+    _sync(device)
+    started = time.perf_counter()
+    call(0)
+    _sync(device)
+    first = time.perf_counter() - started
+    ms = []
+    for k in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        call(k)
+        _sync(device)
+        ms.append((time.perf_counter() - started) * 1e3)
+    return first, sorted(ms)
+
+
 def summarise(ms: Sequence[float]) -> dict:
     """Median and spread (10th and 90th percentiles, minimum) of a list of milliseconds."""
     ordered = sorted(ms)

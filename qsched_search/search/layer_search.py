@@ -19,6 +19,7 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 
 from qsched_search.errors import QschedError
+from qsched_search.quant.costs import override_latency_unknown
 from qsched_search.results.assignment import Override, StepAssignment, as_steps
 from qsched_search.results.records import Measurement
 from qsched_search.results.tables import BUDGET_EPS, schedule_key
@@ -80,8 +81,7 @@ def item_costs(groups, layer_costs, levels: Sequence[str], cost_model: str) -> I
     from qsched_search.quant.groups import LayerAssignment
 
     if cost_model not in ("bops", "memory"):
-        raise QschedError(f"--cost {cost_model}: a per-layer search prices schedules by bops or memory; a step with "
-                          "per-layer overrides runs its own compiled copy, whose latency is known only when measured")
+        raise override_latency_unknown(f"--cost {cost_model}")
     members = {g: tuple(ls) for g, ls in groups.groups.items()}
     if groups.ungrouped:
         members[UNGROUPED] = tuple(groups.ungrouped)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from qsched_search._version import __version__
 from qsched_search.errors import QschedError
-from qsched_search.quant.costs import CostTable, load_latency_profile
+from qsched_search.quant.costs import CostTable, load_latency_profile, override_latency_unknown
 from qsched_search.results.assignment import has_overrides, parse_schedule_key, step_levels
 from qsched_search.results.compare import compare_paired
 from qsched_search.results.io import write_csv
@@ -102,8 +102,7 @@ class SearchSettings:
         if self.layer_trials < 0:
             raise QschedError(f"--layer-trials {self.layer_trials} is negative; allowed: 0 or more per-layer evaluations")
         if self.layers and self.cost_model == "latency":
-            raise QschedError("--layers with --cost latency: a step with per-layer overrides runs its own compiled copy, "
-                              "whose latency is known only when measured; search per layer with --cost bops or memory")
+            raise override_latency_unknown("--layers with --cost latency")
 
 
 @dataclass
