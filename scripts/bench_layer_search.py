@@ -54,15 +54,15 @@ import torch  # noqa: E402
 from qsched_search.errors import QschedError  # noqa: E402
 from qsched_search.logs import quiet_libraries  # noqa: E402
 from qsched_search.quant.costs import CostTable  # noqa: E402
-from qsched_search.results.assignment import Override, StepAssignment, as_steps, brief_key  # noqa: E402
+from qsched_search.results.assignment import as_steps, brief_key  # noqa: E402
 from qsched_search.results.compare import compare_paired  # noqa: E402
 from qsched_search.results.io import save_figure, write_csv, write_json  # noqa: E402
 from qsched_search.results.provenance import command_line, device_name, fingerprint, now, versions  # noqa: E402
 from qsched_search.results.records import Measurement  # noqa: E402
-from qsched_search.results.tables import BUDGET_EPS, PROBE_COLUMNS, PROBE_LAYER_COLUMNS, schedule_key  # noqa: E402
+from qsched_search.results.tables import BUDGET_EPS, PROBE_LAYER_COLUMNS, schedule_key  # noqa: E402
 from qsched_search.search.layer_search import LayerSearch, item_costs, labels_to_steps, layer_prior  # noqa: E402
-from qsched_search.search.priors import additive_model, warm_start_schedules  # noqa: E402
-from qsched_search.search.probe import CellStore  # noqa: E402
+from qsched_search.search.priors import additive_model, row_harm, warm_start_schedules  # noqa: E402
+from qsched_search.search.probe import CellStore, layer_probe_cells, probe_cells, probe_table  # noqa: E402
 from qsched_search.search.study import ScheduleSearch  # noqa: E402
 from qsched_search.session import RunSettings  # noqa: E402
 
@@ -147,42 +147,27 @@ class Run:
 # ================================================================================================ methods
 
 
-def step_probe(run: Run) -> dict[tuple[int, str], float]:
-    """Each step alone at each lower level (and the reference): the measured harm of each (step, level)."""
-    ref = (LEVELS[0],) * STEPS
-    base = run.value(ref)
-    harm = {}
-    for lv in LEVELS[1:]:
-        for s in range(STEPS):
-            harm[(s, lv)] = run.value(tuple(lv if i == s else LEVELS[0] for i in range(STEPS))) - base
-    return harm
+def probe(run: Run, uniform: bool = True, group_level: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """`qsched probe`'s cells and table (`probe_cells`, `probe_table`) measured through the run, without the uniform
+    cells unless `uniform`; with `group_level`, also `qsched probe --layers`' cells at that level and their table.
+
+    Step cells are measured level by level (the order the committed runs used: it feeds TPE's trial weights)."""
+    ref = LEVELS[0]
+    cells = [c for c in probe_cells(LEVELS[1:], ref, STEPS) if uniform or c.kind != "uniform"]
+    order = sorted(cells, key=lambda c: (("reference", "step", "uniform").index(c.kind), LEVELS.index(c.precision), c.step or 0))
+    measured = {c.key: run.evaluate(c.levels(ref, STEPS)) for c in order}
+    steps = probe_table(cells, measured)
+    if group_level is None:
+        return steps, None
+    group_cells = layer_probe_cells([group_level], ref, STEPS, run.space.groups.names)
+    measured = {c.key: run.evaluate(c.levels(ref, STEPS)) for c in group_cells}
+    return steps, probe_table(group_cells, measured, PROBE_LAYER_COLUMNS)
 
 
 def layer_search(run: Run, budgets, seed: int) -> None:
     space = run.space
-    ref = (LEVELS[0],) * STEPS
-    step_probe(run)
-    for lv in LEVELS[1:]:
-        run.evaluate((lv,) * STEPS)
-    base = space.value(schedule_key(ref))
-    probe_rows = []
-    for key in list(run.order):
-        steps = as_steps(key.split(","))
-        levels = [s.level for s in steps]
-        lowered = [i for i, lv in enumerate(levels) if lv != LEVELS[0]]
-        kind = "reference" if not lowered else ("uniform" if len(lowered) == STEPS else "step")
-        probe_rows.append(_probe_row(space, key, kind, lowered[0] if kind == "step" else None,
-                                     levels[lowered[0]] if lowered else LEVELS[0], base))
-    layer_rows = []
-    for s in range(STEPS):
-        for g in space.groups.groups:
-            steps = tuple(StepAssignment(LEVELS[0], (Override(LAYER_PROBE_LEVEL, group=g),) if i == s else ())
-                          for i in range(STEPS))
-            run.evaluate(steps)
-            layer_rows.append({**_probe_row(space, schedule_key(steps), "group", s, LAYER_PROBE_LEVEL, base),
-                               "group": g, "layers": len(space.groups.groups[g])})
-    model = additive_model(pd.DataFrame(probe_rows, columns=PROBE_COLUMNS), METRIC, False, STEPS, LEVELS, LEVELS[0])
-    layer_probe = pd.DataFrame(layer_rows, columns=PROBE_LAYER_COLUMNS)
+    probe_steps, layer_probe = probe(run, group_level=LAYER_PROBE_LEVEL)
+    model = additive_model(probe_steps, METRIC, False, STEPS, LEVELS, LEVELS[0])
     layer_costs = space.session.bank.layer_costs()
     prior = layer_prior(model, layer_probe, METRIC, False, space.groups, layer_costs)
     raw = layer_prior(model, layer_probe, METRIC, False, space.groups, layer_costs, calibrate=False)
@@ -253,11 +238,12 @@ def tpe_search(run: Run, budgets, seed: int) -> None:
 
 def tmpdiff_search(run: Run, budgets, seed: int) -> None:
     space = run.space
-    harm = step_probe(run)
-    ref_cost = {s: 1.0 for s in range(STEPS)}
+    probe_steps, _ = probe(run, uniform=False)
+    cells = probe_steps[(probe_steps["kind"] == "step") & (probe_steps["metric"] == METRIC)]
+    harm = {(int(row.step), row.precision): row_harm(row, 1.0) for row in cells.itertuples(index=False)}
     level_cost = {lv: space.cost((lv,) * STEPS) for lv in LEVELS}
     # Harm per cost saved: the price of each (step, level) in quality per bit-operation given up.
-    ratio = {(s, lv): max(h, 0.0) / max(ref_cost[s] - level_cost[lv], 1e-12) for (s, lv), h in harm.items()}
+    ratio = {(s, lv): max(h, 0.0) / max(level_cost[LEVELS[0]] - level_cost[lv], 1e-12) for (s, lv), h in harm.items()}
 
     def at(threshold: float):
         out = []
@@ -362,15 +348,6 @@ def _spend(run: Run, share: int, work) -> None:
     finally:
         run.cap = run.limit
     logger.info("  %d evaluations (%d in all)", len(run.order) - start, len(run.order))
-
-
-def _probe_row(space: Space, key: str, kind: str, step, precision: str, base: float) -> dict:
-    m = space.store.done[key]
-    est = m.estimates.get(METRIC)
-    return {"kind": kind, "step": step, "timestep": None, "precision": precision, "metric": METRIC,
-            "value": est.value if est else math.nan, "ci_low": est.ci_low if est else math.nan,
-            "ci_high": est.ci_high if est else math.nan, "n": est.n if est else 0,
-            "delta": (est.value - base) if est else math.nan, "unhealthy_images": 0, "fail_reason": m.fail_reason or ""}
 
 
 RUNNERS = {"layer-search": layer_search, "random": random_search, "tpe": tpe_search, "tmpdiff": tmpdiff_search,
